@@ -1,0 +1,1 @@
+"""MAR model files (upstream layout)."""

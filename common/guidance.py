@@ -1,0 +1,135 @@
+"""Classifier-free guidance, applied once in a model wrapper so that every sampler works with it.
+
+Samplers only ever see ``model_fn(x, t) -> output`` for the rows of their state. The wrappers here turn a
+network that evaluates conditional and unconditional rows into such a function, the way each official model
+does it:
+
+* :func:`eps_cfg` — MAR / Harmon diffusion heads: only the noise-prediction channels are guided; the learned
+  variance channels keep each branch's own value.
+* :func:`interval_velocity_cfg` — FlowAR: the state holds both halves; inside the guidance interval the
+  conditional half is evaluated twice (cond / uncond) and the guided velocity is written to both halves,
+  outside it both halves are integrated independently.
+* :func:`doubled_velocity_cfg` — xAR: the state holds the conditional rows only; every evaluation doubles them.
+
+And the guidance-scale schedules across AR steps: :func:`mar_cfg_scale` (Muse linear / constant) and
+:func:`ramp_cfg_scale` (FlowAR / xAR linear ramp over scales or cells).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "ModelFn",
+    "CFG_SCHEDULES",
+    "check_cfg",
+    "eps_cfg",
+    "interval_velocity_cfg",
+    "doubled_velocity_cfg",
+    "mar_cfg_scale",
+    "ramp_cfg_scale",
+]
+
+# model_fn(x, t): x (R, ...) sampler state rows; t the current time (see each sampler); returns (R, ...) output.
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def check_cfg(cfg: float) -> float:
+    """Guidance scales must be finite and >= 0 (1 = no guidance, 0 = unconditional)."""
+    cfg = float(cfg)
+    if not (cfg >= 0.0 and cfg != float("inf")):
+        raise ValueError(f"cfg scale must be a finite number >= 0 (1.0 = no guidance), got {cfg}")
+    return cfg
+
+
+def _guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    # Written as uncond + s * (cond - uncond), the official evaluation order (bit-identical results).
+    return uncond + scale * (cond - uncond)
+
+
+def eps_cfg(net: ModelFn, cfg_scale: float | torch.Tensor, *, eps_channels: int) -> ModelFn:
+    """Guided diffusion-head function over ``2N`` rows ``[cond; uncond]`` (MAR ``forward_with_cfg``).
+
+    ``net(x, t)`` evaluates all ``2N`` rows with their own conditions (cond rows first). The wrapper feeds the
+    conditional half of ``x`` twice, guides the first ``eps_channels`` output channels and writes the guided
+    eps to both halves; the remaining (variance) channels are not guided, each half keeps its own.
+    """
+    if isinstance(cfg_scale, (int, float)):
+        check_cfg(cfg_scale)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        half = x[: x.shape[0] // 2]  # (N, C)
+        out = net(torch.cat([half, half]), t)  # (2N, C_out)
+        eps, rest = out[:, :eps_channels], out[:, eps_channels:]
+        cond_eps, uncond_eps = eps.chunk(2)
+        half_eps = _guide(cond_eps, uncond_eps, cfg_scale)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+
+    return guided
+
+
+def interval_velocity_cfg(
+    net: ModelFn, cfg_scale: float, *, interval: tuple[float, float] = (0.0, 1.0)
+) -> ModelFn:
+    """FlowAR's guidance over a ``2B``-row state ``[cond; uncond]``, active for ``low <= t <= high``.
+
+    Inside the interval (and when ``cfg_scale > 1``) the conditional half is evaluated twice and the guided
+    velocity goes to both halves. Outside, ``net`` sees the whole state and the unconditional half follows its
+    own trajectory (FlowAR's behaviour: that half is discarded at the end or overwritten once guidance starts).
+    ``t`` is the float64 grid point (0-d tensor); the interval test uses it in float64, as the official code does.
+    """
+    check_cfg(cfg_scale)
+    low, high = interval
+    if not 0.0 <= low <= high:
+        raise ValueError(f"guidance interval must satisfy 0 <= low <= high, got ({low}, {high})")
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not (cfg_scale > 1.0 and low <= float(t) <= high):
+            return net(x, t)
+        half = x[: x.shape[0] // 2]
+        cond_v, uncond_v = net(torch.cat([half, half]), t).chunk(2)
+        v = _guide(cond_v, uncond_v, cfg_scale)
+        return torch.cat([v, v])
+
+    return guided
+
+
+def doubled_velocity_cfg(net: ModelFn, cfg_scale: float) -> ModelFn:
+    """xAR's guidance: the ``B``-row state is doubled at every evaluation (even when ``cfg_scale == 1``).
+
+    ``net(x2, t)`` evaluates ``[x; x]`` against ``[labels; null]`` and returns ``(2B, ...)``.
+    """
+    check_cfg(cfg_scale)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond_v, uncond_v = net(torch.cat([x, x]), t).chunk(2)
+        return _guide(cond_v, uncond_v, cfg_scale)
+
+    return guided
+
+
+def mar_cfg_scale(cfg: float, schedule: str, mask_len_after: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """MAR / Harmon guidance scale for one AR step (Muse schedule), a ``(1,)`` float32 tensor.
+
+    ``linear``: ``1 + (cfg - 1) * (seq_len - m) / seq_len`` with ``m`` the number of tokens still masked after the
+    step (a float32 tensor; MAR clamps it to >= 1 at the last step, so the full ``cfg`` is never reached).
+    ``constant``: ``cfg``.
+    """
+    check_cfg(cfg)
+    if schedule == "linear":
+        return 1 + (cfg - 1) * (seq_len - mask_len_after) / seq_len
+    if schedule == "constant":
+        return torch.full((1,), cfg, dtype=torch.float32, device=mask_len_after.device)
+    raise ValueError(f"unknown cfg schedule {schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}")
+
+
+def ramp_cfg_scale(cfg: float, index: int, num: int) -> float:
+    """FlowAR / xAR ramp over scales or cells: ``1 + (cfg - 1) * index / (num - 1)`` (1 at the first, cfg at the last)."""
+    check_cfg(cfg)
+    if num < 1 or not 0 <= index < num:
+        raise ValueError(f"index must be in [0, {num - 1}], got {index}")
+    if num == 1:
+        return cfg
+    return 1 + (cfg - 1) * index / (num - 1)

@@ -1,0 +1,1 @@
+"""xAR with annealed flow steps (import name ``xar_disa``). The model lands with its own issue."""
