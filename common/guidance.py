@@ -79,6 +79,7 @@ def interval_velocity_cfg(
     velocity goes to both halves. Outside, ``net`` sees the whole state and the unconditional half follows its
     own trajectory (FlowAR's behaviour: that half is discarded at the end or overwritten once guidance starts).
     ``t`` is the float64 grid point (0-d tensor); the interval test uses it in float64, as the official code does.
+    Returns float64 velocities.
     """
     check_cfg(cfg_scale)
     low, high = interval
@@ -87,9 +88,10 @@ def interval_velocity_cfg(
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not (cfg_scale > 1.0 and low <= float(t) <= high):
-            return net(x, t)
+            return net(x, t).double()
         half = x[: x.shape[0] // 2]
-        cond_v, uncond_v = net(torch.cat([half, half]), t).chunk(2)
+        # FlowAR guides in float64 (the sampler's state dtype), after casting the network's float32 output.
+        cond_v, uncond_v = net(torch.cat([half, half]), t).double().chunk(2)
         v = _guide(cond_v, uncond_v, cfg_scale)
         return torch.cat([v, v])
 
@@ -99,12 +101,14 @@ def interval_velocity_cfg(
 def doubled_velocity_cfg(net: ModelFn, cfg_scale: float) -> ModelFn:
     """xAR's guidance: the ``B``-row state is doubled at every evaluation (even when ``cfg_scale == 1``).
 
-    ``net(x2, t)`` evaluates ``[x; x]`` against ``[labels; null]`` and returns ``(2B, ...)``.
+    ``net(x2, t)`` evaluates ``[x; x]`` against ``[labels; null]`` and returns ``(2B, ...)``; the guided velocity
+    is float64 (guiding the velocity equals xAR's guiding of the drift ``(2 - t) v + x``, as both halves share x).
     """
     check_cfg(cfg_scale)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond_v, uncond_v = net(torch.cat([x, x]), t).chunk(2)
+        # xAR guides in float64 (its sampler's state dtype), after casting the network's float32 output.
+        cond_v, uncond_v = net(torch.cat([x, x]), t).double().chunk(2)
         return _guide(cond_v, uncond_v, cfg_scale)
 
     return guided

@@ -38,14 +38,16 @@ def test_interval_cfg_switches_on_inside_interval():
     out = torch.randn(4, 2)
     calls: list = []
     fn = interval_velocity_cfg(_recording_net(out, calls), 3.0, interval=(0.0, 0.7))
-    assert torch.equal(fn(x, torch.tensor(0.9, dtype=torch.float64)), out)  # outside: both halves independent
+    # outside: both halves integrated independently (float64, the sampler's state dtype)
+    assert torch.equal(fn(x, torch.tensor(0.9, dtype=torch.float64)), out.double())
     assert torch.equal(calls[-1], x)
     v = fn(x, torch.tensor(0.7, dtype=torch.float64))  # the bound is inclusive
-    g = out[2:] + 3.0 * (out[:2] - out[2:])
+    o = out.double()  # guidance happens after the cast to float64, as in FlowAR
+    g = o[2:] + 3.0 * (o[:2] - o[2:])
     assert torch.equal(v, torch.cat([g, g])) and torch.equal(calls[-1], torch.cat([x[:2], x[:2]]))
     # scale 1 never guides
     fn1 = interval_velocity_cfg(_recording_net(out, calls), 1.0, interval=(0.0, 1.0))
-    assert torch.equal(fn1(x, torch.tensor(0.5, dtype=torch.float64)), out)
+    assert torch.equal(fn1(x, torch.tensor(0.5, dtype=torch.float64)), out.double())
 
 
 def test_doubled_cfg_always_doubles():
@@ -54,7 +56,7 @@ def test_doubled_cfg_always_doubles():
     calls: list = []
     v = doubled_velocity_cfg(_recording_net(out, calls), 1.0)(x, torch.tensor(1.0))
     assert torch.equal(calls[0], torch.cat([x, x]))
-    assert torch.allclose(v, out[:2], rtol=0, atol=1e-6)  # w = 1 -> conditional velocity (up to round-off)
+    assert torch.allclose(v, out[:2].double(), rtol=0, atol=1e-12)  # w = 1 -> conditional velocity (float64)
 
 
 def test_cfg_schedules():
