@@ -1,0 +1,1 @@
+"""Helpers of Harmon (``util/download.py``); everything shared lives in :mod:`disa`."""

@@ -1,0 +1,1 @@
+"""Upstream-layout helpers of MAR (``util/download.py``); everything shared lives in :mod:`disa`."""

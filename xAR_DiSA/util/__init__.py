@@ -1,0 +1,1 @@
+"""Upstream-layout helpers of xAR (``util/download.py``); everything shared lives in :mod:`disa`."""
