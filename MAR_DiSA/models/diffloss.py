@@ -171,9 +171,11 @@ class DiffLoss(nn.Module):
       half is plain conditional sampling. ``dpm_cfg=True`` makes them honour CFG through
       :func:`disa.guidance.eps_cfg` (default off for parity with the official numbers).
 
-    Training (:meth:`forward`) uses the cosine diffusion with ``train_clip`` (default 950: MAR_DiSA's training
-    diffusion has 951 timesteps, t in [0, 950]; ``train_clip=None`` gives the original MAR's 1000). The
-    DPM-Solver schedule always uses the 951 clip-950 betas, which its ``t_max = 0.95`` assumes.
+    The sampling clips are explicit options with the official values as defaults: ``disa_clip`` (950) for the
+    DiSA sampler and ``ddim_clip`` (980) for DDIM; ``None`` keeps the top timestep of the respacing (999 for the
+    ancestral sampler). Training (:meth:`forward`) uses the cosine diffusion with ``train_clip`` (default 950:
+    MAR_DiSA's training diffusion has 951 timesteps, t in [0, 950]; ``train_clip=None`` gives the original MAR's
+    1000). The DPM-Solver schedule always uses the 951 clip-950 betas, which its ``t_max = 0.95`` assumes.
     """
 
     def __init__(
@@ -189,6 +191,8 @@ class DiffLoss(nn.Module):
         grad_checkpointing: bool = False,
         *,
         train_clip: int | None = DISA_CLIP,
+        disa_clip: int | None = DISA_CLIP,
+        ddim_clip: int | None = DDIM_CLIP,
         dpm_cfg: bool = False,
     ) -> None:
         super().__init__()
@@ -200,13 +204,19 @@ class DiffLoss(nn.Module):
             )
         if not 1 <= diff_lower_steps <= diff_upper_steps:
             raise ValueError(
-                f"need 1 <= diff_lower_steps <= diff_upper_steps, got lower={diff_lower_steps}, upper={diff_upper_steps}"
+                "need 1 <= diff_lower_steps <= diff_upper_steps, "
+                f"got lower={diff_lower_steps}, upper={diff_upper_steps}"
             )
+        for name, clip in (("train_clip", train_clip), ("disa_clip", disa_clip), ("ddim_clip", ddim_clip)):
+            if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int) or clip < 1):
+                raise ValueError(f"{name} must be a timestep >= 1 or None (no clip), got {clip!r}")
         self.in_channels = target_channels
         self.upper_steps = diff_upper_steps
         self.lower_steps = diff_lower_steps
         self.strategy = diff_annealing_strategy
         self.sampler = diff_sampler
+        self.disa_clip = disa_clip
+        self.ddim_clip = ddim_clip
         self.dpm_cfg = dpm_cfg
         self.net = SimpleMLPAdaLN(
             in_channels=target_channels,
@@ -216,7 +226,10 @@ class DiffLoss(nn.Module):
             num_res_blocks=depth,
             grad_checkpointing=grad_checkpointing,
         )
-        self.train_diffusion = GaussianDiffusion.from_spec("", clip=train_clip)
+        # The schedule tables are host-side float64 constants: build them on the CPU even when the module is built
+        # under another default device (e.g. `with torch.device("meta")` to inspect a full-size model).
+        with torch.device("cpu"):
+            self.train_diffusion = GaussianDiffusion.from_spec("", clip=train_clip)
         # Sampling schedules, built on first use and kept: {(kind, steps): GaussianDiffusion}.
         self._diffusions: dict[tuple[str, int], GaussianDiffusion] = {}
         self._dpm_schedule: VPSchedule | None = None
@@ -248,9 +261,9 @@ class DiffLoss(nn.Module):
         """The cached respaced diffusion this sampler runs with ``steps`` nominal steps (not for DPM samplers)."""
         if self.sampler in ("default", "DiSA"):
             # Why two clips: MAR_DiSA's "default" passes clip_timesteps=1001 (no clip), "DiSA" gets the 950 default.
-            key, spec, clip = ("ddpm", steps), str(steps), (NO_CLIP if self.sampler == "default" else DISA_CLIP)
+            key, spec, clip = ("ddpm", steps), str(steps), (NO_CLIP if self.sampler == "default" else self.disa_clip)
         elif self.sampler == "DDIM":
-            key, spec, clip = ("ddim", steps), f"ddim{steps}", DDIM_CLIP
+            key, spec, clip = ("ddim", steps), f"ddim{steps}", self.ddim_clip
         else:
             raise ValueError(f"{self.sampler} does not use a respaced GaussianDiffusion")
         if key not in self._diffusions:
