@@ -70,7 +70,7 @@ def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Te
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = [min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta) for i in range(num_timesteps)]
-    return torch.tensor(betas, dtype=torch.float64)
+    return torch.tensor(betas, dtype=torch.float64, device="cpu")  # host constants, whatever the default device
 
 
 class MeanVariance(NamedTuple):
@@ -133,7 +133,7 @@ class GaussianDiffusion:
         betas = 1.0 - kept_abar / prev_abar  # (J,) respaced betas
 
         self.base_betas = base
-        self.timestep_map = torch.tensor(kept, dtype=torch.int64)
+        self.timestep_map = torch.tensor(kept, dtype=torch.int64, device="cpu")
         self.num_timesteps = len(kept)
         self.betas = betas
         alphas = 1.0 - betas
@@ -418,7 +418,7 @@ class VPSchedule:
         self.total_n = log_alpha.numel()
         self.t_max = float(t_max)
         self._log_alpha = log_alpha.to(torch.float32)  # (N,)
-        self._t = torch.linspace(0.0, self.t_max, self.total_n + 1, dtype=torch.float32)[1:]  # (N,)
+        self._t = torch.linspace(0.0, self.t_max, self.total_n + 1, dtype=torch.float32, device="cpu")[1:]  # (N,)
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {self._t.device: (self._t, self._log_alpha)}
 
     @classmethod

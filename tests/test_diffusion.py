@@ -114,20 +114,12 @@ def test_p_mean_variance_math(golden, key):
         torch.testing.assert_close(getattr(out, name), entry[name], **SINGLE, msg=name)
 
 
-@pytest.fixture
-def one_thread():
-    """The golden data were recorded with one CPU thread; several threads round the head's matmuls differently
-    (<= 1.2e-6), which ``pred_xstart = sqrt(1/abar) x - sqrt(1/abar - 1) eps`` amplifies up to 2e4x at t = 999
-    (quirk 9 of the README). With one thread the head is bit-identical, so the README tolerance applies as is."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("key", ["25@clip950", "100@clip1001", "ddim25@clip980", "25@clip950_cfg2.9"])
-def test_p_mean_variance_with_net(golden, tiny_net, key, one_thread):
-    """End to end through the tiny head (and ``eps_cfg`` for the cfg entry), at the README's tolerance."""
+def test_p_mean_variance_with_net(golden, tiny_net, key):
+    """End to end through the tiny head (and ``eps_cfg`` for the cfg entry), at the README's tolerance.
+
+    Bit-identical head outputs need one CPU thread (see conftest): ``pred_xstart = sqrt(1/abar) x - sqrt(1/abar - 1) eps``
+    amplifies matmul round-off up to 2e4x at t = 999 (quirk 9 of the golden README)."""
     entry = golden("mar/diffusion/units.pt")["p_mean_variance"][key]
     spec, clip = _parse_key(key.split("_cfg")[0])
     diffusion = GaussianDiffusion.from_spec(spec, clip=clip)

@@ -31,16 +31,6 @@ def tiny(golden, tiny_config) -> MAR:
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The golden chains were recorded with one CPU thread; replay them the same way. One thread is also much
-    faster for these tiny tensors than two threads contending on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def micro(**overrides) -> MAR:
     """A very small MAR over 16x16 tokens (the real sequence length) for schedule-level checks."""
     kwargs = dict(

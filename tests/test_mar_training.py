@@ -36,15 +36,6 @@ from mar_disa.models.mar import MAR, orders_from_seeds
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two contending on the 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_mar(seed: int = 0, **overrides) -> MAR:
     """4x4 tokens of 16 channels, width 32; the diffusion loss sees each row twice (diffusion_batch_mul=2)."""
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ protocol, the training forward and complete sampling runs against data recorded 
 upstream bugs and argument validation."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -23,15 +23,6 @@ RUN_ATOL = 1e-3  # README: final tokens of a whole run
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.double() - b.double()).abs().max().item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The golden data were recorded with one CPU thread; GEMM blocking (and so rounding) depends on the count.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

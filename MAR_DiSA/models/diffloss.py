@@ -226,10 +226,8 @@ class DiffLoss(nn.Module):
             num_res_blocks=depth,
             grad_checkpointing=grad_checkpointing,
         )
-        # The schedule tables are host-side float64 constants: build them on the CPU even when the module is built
-        # under another default device (e.g. `with torch.device("meta")` to inspect a full-size model).
-        with torch.device("cpu"):
-            self.train_diffusion = GaussianDiffusion.from_spec("", clip=train_clip)
+        # Schedule tables are host-side float64 constants (built on the CPU even under `with torch.device("meta")`).
+        self.train_diffusion = GaussianDiffusion.from_spec("", clip=train_clip)
         # Sampling schedules, built on first use and kept: {(kind, steps): GaussianDiffusion}.
         self._diffusions: dict[tuple[str, int], GaussianDiffusion] = {}
         self._dpm_schedule: VPSchedule | None = None
