@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import CheckpointError, compare_state_dict
 from .noise import NoiseSource
 
 __all__ = [
@@ -367,12 +368,6 @@ def _read_state_dict(path: str | os.PathLike[str], weights_only: bool) -> dict[s
     return dict(ckpt)
 
 
-def _key_report(title: str, keys: Sequence[str], limit: int = 20) -> str:
-    shown = "\n    ".join(keys[:limit])
-    more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"\n  {title} ({len(keys)}):\n    {shown}{more}"
-
-
 def load_vae(
     path: str | os.PathLike[str],
     *,
@@ -395,39 +390,26 @@ def load_vae(
     * an unexpected key raises when ``strict`` (the default) and is otherwise ignored, so ``strict=False``
       tolerates extra entries (e.g. a training loss's weights) but never missing or mis-shaped ones.
 
-    The error lists the missing, unexpected and mis-shaped keys. ``weights_only=False`` is needed only for a file
+    The error (a :class:`disa.checkpoints.CheckpointError`, which is a ``ValueError``) lists the missing,
+    unexpected and mis-shaped keys. ``weights_only=False`` is needed only for a file
     that pickles more than tensors (trust it first).
     """
     state = _read_state_dict(path, weights_only)
     vae = AutoencoderKL(**config, with_encoder=not decoder_only)
-    expected = {name: tuple(t.shape) for name, t in vae.state_dict().items()}
-    ignored = (
-        {k for k in state if k.startswith(("encoder.", "quant_conv."))} if decoder_only else set()
-    )
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected and k not in ignored]
-    misshaped = [
-        f"{k}: checkpoint {tuple(state[k].shape)}, model {expected[k]}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != expected[k]
-    ]
-    if missing or misshaped or (strict and unexpected):
-        report = "".join(
-            _key_report(title, keys)
-            for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-            if keys
-        )
+    ignored = [k for k in state if k.startswith(("encoder.", "quant_conv."))] if decoder_only else []
+    mismatch = compare_state_dict(vae, state, ignore_unexpected=ignored)
+    if mismatch.missing or mismatch.misshaped or (strict and mismatch.unexpected):
         hints = []
-        if missing and not decoder_only and all(not k.startswith(_DECODER_PREFIXES) for k in missing):
+        if mismatch.missing and not decoder_only and all(not k.startswith(_DECODER_PREFIXES) for k in mismatch.missing):
             hints.append("only encoder keys are missing: pass decoder_only=True if you only decode")
-        if unexpected and not (missing or misshaped):
+        if mismatch.unexpected and not (mismatch.missing or mismatch.misshaped):
             hints.append("pass strict=False to ignore unexpected keys")
         hint = f"\n  hint: {'; '.join(hints)}" if hints else ""
-        raise ValueError(
+        raise CheckpointError(
             f"VAE checkpoint {os.fspath(path)!r} does not match AutoencoderKL({config or 'KL-16 defaults'}):"
-            f"{report}{hint}"
+            f"{mismatch.report()}{hint}"
         )
-    vae.load_state_dict({k: state[k] for k in expected}, strict=True)
+    vae.load_state_dict({k: state[k] for k in vae.state_dict()}, strict=True)
     return vae.eval()
 
 
