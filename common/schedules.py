@@ -14,7 +14,7 @@ Official quirks are reproduced by default and every one of them can be switched 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 

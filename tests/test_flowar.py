@@ -36,15 +36,6 @@ RUNS = ("disa", "base", "disa_cfg1")
 FACTORIES = {"flowar_small": flowar_small, "flowar_large": flowar_large, "flowar_huge": flowar_huge}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The golden data were recorded with one CPU thread; keep the reduction order of the recording.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(golden) -> Callable[[str], FlowAR]:
     """``tiny_model(variant)``: a fresh tiny official model, loaded strictly, in eval mode."""

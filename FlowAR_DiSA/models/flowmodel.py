@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from disa.flow import flow_t_index
 # One implementation of the DiT time embedding (sinusoid, cos first, then Linear-SiLU-Linear; keys mlp.0 / mlp.2).
-from mar_disa.models.diffloss import TimestepEmbedder
+from disa.layers import TimestepEmbedder
 
 from .layers import (
     AdaLNBlock,

@@ -6,13 +6,13 @@ Module and parameter names follow the official checkpoints: ``attn.qkv``, ``attn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SwiGLU
-from torch.utils.checkpoint import checkpoint
+
+from disa.layers import RMSNorm, geglu_mlp, maybe_checkpoint, mlp_hidden_features, modulate
 
 from .rope import GridRotaryEmbedding
 
@@ -27,46 +27,6 @@ __all__ = [
     "CrossAttention",
     "AdaLNBlock",
 ]
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def maybe_checkpoint(enabled: bool, module: nn.Module, *args: Any) -> torch.Tensor:
-    """``module(*args)``, with activation checkpointing when ``enabled`` and gradients are being recorded."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
-
-
-class RMSNorm(nn.Module):
-    """``x * rsqrt(mean(x^2) + eps)`` in float32, cast back to the input dtype, times an optional ``weight``.
-
-    ``affine=False`` builds the weightless norms of the AdaLN blocks (no state_dict keys).
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return y if self.weight is None else y * self.weight
-
-
-def mlp_hidden_features(dim: int, mlp_ratio: float) -> int:
-    """Hidden width of the gated MLP: 2/3 of ``dim * mlp_ratio`` (768 -> 2048, 1024 -> 2730, 1536 -> 4096)."""
-    # Evaluated left to right: 2/3 * 6144 would round to 4095.99... and floor to 4095 for FlowAR-H.
-    return int(dim * mlp_ratio * 2 / 3)
-
-
-def geglu_mlp(dim: int, hidden: int, drop: float = 0.0) -> SwiGLU:
-    """timm's ``SwiGLU`` built with exact-erf GELU, as the official models build it: really a GeGLU,
-    ``fc2(GELU(fc1_g(x)) * fc1_x(x))``."""
-    return SwiGLU(in_features=dim, hidden_features=hidden, act_layer=nn.GELU, drop=drop)
 
 
 @dataclass(eq=False)

@@ -6,7 +6,6 @@ only decides which sampler MAR_DiSA's ``--diff_sampler`` means and how many step
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -14,42 +13,13 @@ from torch.utils.checkpoint import checkpoint
 
 from disa.diffusion import GaussianDiffusion, VPSchedule, ddim_sample, ddpm_sample, dpm_solver_sample, Callback
 from disa.guidance import eps_cfg
+from disa.layers import TimestepEmbedder, modulate
 from disa.noise import NoiseSource, TorchNoise
 from disa.schedules import DDIM_CLIP, DISA_CLIP, NO_CLIP, STRATEGIES, annealed_steps
 
 __all__ = ["SAMPLERS", "TimestepEmbedder", "ResBlock", "FinalLayer", "SimpleMLPAdaLN", "DiffLoss"]
 
 SAMPLERS = ("default", "DiSA", "DDIM", "DPM_Solver", "DPM_Solver++")
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal embedding of a scalar time per row (cosine half first), then Linear-SiLU-Linear."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
-        super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-
-    @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """``[cos(t f), sin(t f)]`` with ``f_i = max_period^(-i / (dim/2))``; ``t`` (R,) int or float -> (R, dim)."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]  # (R, half)
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (R, 2 half)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (R, 256)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (R, W)
 
 
 class ResBlock(nn.Module):

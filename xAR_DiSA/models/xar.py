@@ -30,34 +30,17 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SwiGLU
 
 from disa.flow import flow_t_index
 from disa.guidance import check_cfg, ramp_cfg_scale
 from disa.noise import NoiseSource, TorchNoise
 from disa.schedules import annealed_steps
-from mar_disa.models.diffloss import TimestepEmbedder
+from disa.layers import RMSNorm, TimestepEmbedder, geglu_mlp, mlp_hidden_features
 
 from .rope import VisionRotaryEmbeddingFast, cell_order, cell_rows
 from .sampler import euler_maruyama_sampler, first_eval_path
 
-__all__ = ["RMSNorm", "Attention", "Block", "CellPlan", "xAR", "xar_base", "xar_large", "xar_huge", "block_causal_mask"]
-
-
-class RMSNorm(nn.Module):
-    """``x * rsqrt(mean(x², -1) + eps)`` in float32, cast back, then times ``weight`` if built with one.
-
-    Built without a weight it has no state-dict keys (the official ``norm1``/``norm2``)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, weight: bool = False) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return out if self.weight is None else out * self.weight
+__all__ = ["Attention", "Block", "CellPlan", "xAR", "xar_base", "xar_large", "xar_huge", "block_causal_mask"]
 
 
 def block_causal_mask(seq_len: int, block: int) -> torch.Tensor:
@@ -142,14 +125,13 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
-        self.norm1 = RMSNorm(dim)
+        self.norm1 = RMSNorm(dim, affine=False)
         self.attn = Attention(
             dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
             grid_size=grid_size, clusters=clusters,
         )
-        self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(in_features=dim, hidden_features=int(dim * mlp_ratio * 2 / 3.0), act_layer=nn.GELU,
-                          drop=proj_drop)
+        self.norm2 = RMSNorm(dim, affine=False)
+        self.mlp = geglu_mlp(dim, mlp_hidden_features(dim, mlp_ratio), drop=proj_drop)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
@@ -264,18 +246,18 @@ class xAR(nn.Module):
         self.class_emb = nn.Embedding(class_num + 1, width)  # row class_num: the null class of guidance
         self.time_embed = TimestepEmbedder(width)
         self.z_proj = nn.Linear(vae_embed_dim, width)
-        self.z_proj_ln = RMSNorm(width, weight=True)
+        self.z_proj_ln = RMSNorm(width)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, width))
         self.encoder_blocks = nn.ModuleList(
             [Block(width, encoder_num_heads, **block_kw) for _ in range(encoder_depth)]
         )
-        self.encoder_norm = RMSNorm(width, weight=True)
+        self.encoder_norm = RMSNorm(width)
         self.decoder_embed = nn.Linear(width, decoder_embed_dim)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList(
             [Block(decoder_embed_dim, decoder_num_heads, **block_kw) for _ in range(decoder_depth)]
         )
-        self.decoder_norm = RMSNorm(decoder_embed_dim, weight=True)
+        self.decoder_norm = RMSNorm(decoder_embed_dim)
         self.pred = nn.Linear(decoder_embed_dim, vae_embed_dim)
         self.initialize_weights()
 

@@ -1,0 +1,89 @@
+"""Network building blocks shared by several model families (one implementation each).
+
+Module and parameter names follow the official checkpoints, so models built from these load them strictly:
+
+* :class:`TimestepEmbedder` — DiT-style sinusoidal time embedding + MLP (``mlp.0``, ``mlp.2``): MAR's and Harmon's
+  diffusion heads, FlowAR's flow head, xAR;
+* :class:`RMSNorm` — computed in float32 (FlowAR, xAR); ``affine=False`` has no state-dict keys;
+* :func:`geglu_mlp`, :func:`mlp_hidden_features` — timm's ``SwiGLU`` built with exact GELU (``fc1_g``, ``fc1_x``,
+  ``fc2``), the MLP of the FlowAR/xAR AdaLN blocks;
+* :func:`modulate`, :func:`maybe_checkpoint` — AdaLN modulation and optional activation checkpointing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import SwiGLU
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["modulate", "maybe_checkpoint", "TimestepEmbedder", "RMSNorm", "mlp_hidden_features", "geglu_mlp"]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN modulation ``x (1 + scale) + shift`` (shift and scale broadcast against x)."""
+    return x * (1 + scale) + shift
+
+
+def maybe_checkpoint(enabled: bool, module: nn.Module, *args: Any) -> torch.Tensor:
+    """``module(*args)``, with activation checkpointing when ``enabled`` and gradients are being recorded."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of a scalar time per row (cosine half first), then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """``[cos(t f), sin(t f)]`` with ``f_i = max_period^(-i / (dim/2))``; ``t`` (R,) int or float -> (R, dim)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (R, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (R, 2 half)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (R, 256)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (R, W)
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps)`` in float32, cast back to the input dtype, times an optional ``weight``.
+
+    ``affine=False`` builds the weightless norms of the AdaLN blocks (no state_dict keys).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if self.weight is None else y * self.weight
+
+
+def mlp_hidden_features(dim: int, mlp_ratio: float) -> int:
+    """Hidden width of the gated MLP: 2/3 of ``dim * mlp_ratio`` (768 -> 2048, 1024 -> 2730, 1536 -> 4096)."""
+    # Evaluated left to right: 2/3 * 6144 would round to 4095.99... and floor to 4095 for FlowAR-H.
+    return int(dim * mlp_ratio * 2 / 3)
+
+
+def geglu_mlp(dim: int, hidden: int, drop: float = 0.0) -> SwiGLU:
+    """timm's ``SwiGLU`` built with exact-erf GELU, as the official models build it: really a GeGLU,
+    ``fc2(GELU(fc1_g(x)) * fc1_x(x))``."""
+    return SwiGLU(in_features=dim, hidden_features=hidden, act_layer=nn.GELU, drop=drop)
