@@ -66,6 +66,10 @@ class PerImageNoise:
     def __init__(self, seeds: Sequence[int]) -> None:
         if len(seeds) == 0:
             raise ValueError("PerImageNoise needs at least one seed")
+        # torch's CPU generator keeps only the low 32 bits of a seed: 2**32 + 5 would silently alias 5.
+        bad = [s for s in seeds if not 0 <= int(s) < 2**32]
+        if bad:
+            raise ValueError(f"PerImageNoise seeds must lie in [0, 2**32), got {bad[:5]}")
         self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
     def __call__(self, shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -91,6 +91,8 @@ def test_per_image_noise_is_batch_invariant():
     assert not torch.equal(together[0], together[1])
     with pytest.raises(ValueError, match="cannot fill 4 rows"):
         PerImageNoise([1, 2, 3])((4, 2), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="seeds must lie in \\[0, 2\\*\\*32\\)"):
+        PerImageNoise([5, 2**32 + 5])
 
 
 def test_torch_noise_uses_generator():
