@@ -1,0 +1,24 @@
+"""Speed benchmarks, one per family: ``python scripts/benchmark.py {mar,flowar,xar,harmon} [family options]``.
+
+Each family's ``<family>_disa.benchmark`` times the original and the DiSA settings side by side in one run (real
+model sizes, random weights) and prints time per image, NFE and FLOP-based expected ratios; ``--help`` after the
+family name lists its options.
+"""
+from __future__ import annotations
+
+import runpy
+import sys
+
+FAMILIES = ("mar", "flowar", "xar", "harmon")
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in FAMILIES:
+        sys.exit(f"usage: benchmark.py {{{','.join(FAMILIES)}}} [options]  (got {sys.argv[1:2] or 'nothing'})")
+    family = sys.argv.pop(1)
+    sys.argv[0] = f"benchmark.py {family}"
+    runpy.run_module(f"{family}_disa.benchmark", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
