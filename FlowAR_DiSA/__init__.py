@@ -1,1 +1,1 @@
-"""FlowAR with annealed flow steps (import name ``flowar_disa``). The model lands with its own issue."""
+"""FlowAR with annealed flow steps (import name ``flowar_disa``): models in ``models/``, weights via ``util/download.py``."""

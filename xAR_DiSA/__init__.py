@@ -1,1 +1,1 @@
-"""xAR with annealed flow steps (import name ``xar_disa``). The model lands with its own issue."""
+"""xAR with annealed flow steps (import name ``xar_disa``): models in ``models/``, weights via ``util/download.py``."""
