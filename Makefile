@@ -2,15 +2,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test
+.PHONY: setup data demo test
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
+
+# Real offline data for the metric tests and the Fashion-MNIST testbed (Debian package, MIT licensed).
+# Elsewhere: set DISA_FASHION_MNIST_DIR to a folder holding Zalando's four IDX files.
+data:
+	@if [ -n "$$DISA_FASHION_MNIST_DIR" ] || [ -d "$(FASHION_MNIST)" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "make: Fashion-MNIST not found; set DISA_FASHION_MNIST_DIR (see README)" >&2; exit 1; fi
 
 demo: setup
 	$(PY) scripts/demo.py $(ARGS)
