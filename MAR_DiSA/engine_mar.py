@@ -14,6 +14,15 @@ file, or a state dict that does not match the model key for key and shape for sh
 (upstream silently starts from random weights when ``--resume`` points nowhere). Generation uses ``model_ema``
 (upstream ``evaluate(use_ema=True)``).
 
+Data (:func:`center_crop_arr`, :func:`image_transform`, :class:`ImageFolderWithFilename`, :class:`CachedFolder`,
+:func:`cache_latents`): ImageNet through the ADM center crop, and the latent cache of ``main_cache.py`` in the official
+layout (``<cached_path>/<class>/<file>.npz`` holding ``moments`` and ``moments_flip``, the raw encoder moments of the
+image and of its mirror image).
+
+Generation (:class:`MARGenerator`, :func:`sample_folder_name`, :func:`ema_weights`): the adapter through which
+``main_mar.py --evaluate`` runs MAR in :func:`disa.evaluation.run_evaluation` (per-image seeds, so image k is the
+same on any number of GPUs), the official sample-folder names, and the EMA swap of the online evaluation.
+
 Device-agnostic: nothing here assumes CUDA; fp16 autocast and loss scaling switch on only on CUDA, as upstream's
 ``torch.cuda.amp`` did, and ``precision="bf16"`` autocasts on any device.
 """
@@ -25,12 +34,16 @@ import logging
 import math
 import os
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image
+from torchvision import datasets, transforms
 
 from disa.checkpoints import (
     CheckpointError,
@@ -41,8 +54,11 @@ from disa.checkpoints import (
     resolve_checkpoint_path,
     select_state_dict,
 )
-from disa.noise import NoiseSource, TorchNoise
-from disa.vae import AutoencoderKL, DiagonalGaussian, latent_to_tokens
+from disa.evaluation import GeneratedBatch
+from disa.noise import NoiseSource, PerImageNoise, TorchNoise
+from disa.vae import AutoencoderKL, DiagonalGaussian, latent_to_tokens, to_uint8, tokens_to_latent
+
+from .models.mar import MAR, orders_from_seeds
 
 __all__ = [
     "LR_SCHEDULES",
@@ -64,6 +80,16 @@ __all__ = [
     "save_model",
     "load_for_generation",
     "resume_from_checkpoint",
+    "center_crop_arr",
+    "image_transform",
+    "ImageFolderWithFilename",
+    "CachedFolder",
+    "cache_file",
+    "cache_latents",
+    "order_seed",
+    "MARGenerator",
+    "sample_folder_name",
+    "ema_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -420,3 +446,199 @@ def resume_from_checkpoint(
     if loss_scaler is not None and "scaler" in ckpt:
         loss_scaler.load_state_dict(ckpt["scaler"])
     return ema_params, int(ckpt["epoch"]) + 1 if "epoch" in ckpt else 0
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's center crop: halve with a box filter while the short side is >= 2x ``image_size``, resize (bicubic) so
+    the short side is ``image_size``, then crop the central ``image_size`` square."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)  # (H, W, 3)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top : top + image_size, left : left + image_size])
+
+
+def image_transform(img_size: int, *, random_flip: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> ``(3, img_size, img_size)`` in [-1, 1]: ADM center crop, optional random horizontal flip
+    (training; the cache encodes both orientations instead), ``ToTensor``, normalise with mean = std = 0.5."""
+    steps: list[Callable[..., Any]] = [partial(center_crop_arr, image_size=img_size)]  # picklable for workers
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])]
+    return transforms.Compose(steps)
+
+
+class ImageFolderWithFilename(datasets.ImageFolder):
+    """``ImageFolder`` whose items are ``(image, label, "<class folder>/<file name>")`` (what the cache is keyed by)."""
+
+    def relative_name(self, index: int) -> str:
+        """``<class folder>/<file name>`` of item ``index``."""
+        return os.path.join(*Path(self.samples[index][0]).parts[-2:])
+
+    def __getitem__(self, index: int) -> tuple[Any, int, str]:
+        path, target = self.samples[index]
+        image = self.loader(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target, self.relative_name(index)
+
+
+def cache_file(cached_path: str | os.PathLike[str], relative_name: str) -> Path:
+    """Where the latents of ``<class>/<file>`` live: ``<cached_path>/<class>/<file>.npz`` (upstream appends
+    ``.npz`` to the full file name, extension included: ``n01440764/n01440764_10026.JPEG.npz``)."""
+    return Path(cached_path) / f"{relative_name}.npz"
+
+
+class CachedFolder(datasets.DatasetFolder):
+    """The latent cache as a dataset: items ``(moments (2E, h, w) float32, label)``, labels from the class folders
+    (sorted, as ``ImageFolder`` numbers them). Each access picks the image's or its mirror's moments with
+    probability 1/2 (upstream's random flip for cached training), from the global torch RNG."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        super().__init__(os.fspath(root), loader=np.load, extensions=(".npz",))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        with np.load(path) as data:
+            key = "moments" if torch.rand(1).item() < 0.5 else "moments_flip"
+            return torch.from_numpy(data[key]), target
+
+
+@torch.no_grad()
+def cache_latents(
+    vae: AutoencoderKL,
+    data_loader: Iterable[tuple[torch.Tensor, Any, Sequence[str]]],
+    cached_path: str | os.PathLike[str],
+    device: torch.device | str,
+) -> int:
+    """Encode every batch of ``(images (B, 3, H, W), labels, names)`` and its horizontal mirror; write each image's
+    raw encoder moments ``(2E, h, w)`` as ``moments`` / ``moments_flip`` to :func:`cache_file`. Returns the number
+    of files written.
+
+    The moments are the encoder output before the log-variance clamp (upstream stores ``posterior.parameters``).
+    Each file is written to a temporary name and renamed, so a file present in the cache is always complete.
+    """
+    if vae.encoder is None or vae.quant_conv is None:
+        raise ValueError("caching latents needs the VAE's encoder (load it without decoder_only)")
+    written = 0
+    for images, _, names in data_loader:
+        images = images.to(device, non_blocking=True)
+        moments = vae.quant_conv(vae.encoder(images)).float().cpu().numpy()  # (B, 2E, h, w)
+        mirrored = vae.quant_conv(vae.encoder(images.flip(dims=[3]))).float().cpu().numpy()  # (B, 2E, h, w)
+        for name, m, mf in zip(names, moments, mirrored):
+            target = cache_file(cached_path, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial_file = target.with_name(target.name + ".partial")
+            try:
+                with open(partial_file, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                    np.savez(f, moments=m, moments_flip=mf)
+                os.replace(partial_file, target)
+            finally:
+                partial_file.unlink(missing_ok=True)
+            written += 1
+    return written
+
+
+# ---- generation ----------------------------------------------------------------------------------------------
+
+# Stream tag that separates an image's generation order from its diffusion noise (see order_seed).
+_ORDER_STREAM = 0x0D0E
+
+
+def order_seed(seed: int) -> int:
+    """The seed of an image's generation order, derived from its image seed.
+
+    Why not the image seed itself: numpy's ``RandomState`` and torch's CPU generator are both MT19937 seeded the
+    same way, so one seed would hand the order shuffle and the diffusion noise the same raw bits. Mixing the seed
+    through ``numpy.random.SeedSequence`` gives the order its own stream; it still depends on the seed alone.
+    """
+    return int(np.random.SeedSequence([int(seed), _ORDER_STREAM]).generate_state(1)[0])
+
+
+@dataclass
+class MARGenerator:
+    """MAR as a :class:`disa.evaluation.ImageGenerator`: class labels and per-image seeds in, uint8 images out.
+
+    Image ``b`` gets its generation order from ``order_seed(seeds[b])`` (:func:`orders_from_seeds`) and every
+    diffusion draw from ``PerImageNoise(seeds)``, so it is the same whatever batch, rank or resume point produces it
+    (upstream seeds one global RNG per rank with ``seed + rank``). Sampling and decoding run under
+    :func:`autocast` (``precision``: ``fp16`` = upstream's fp16 autocast on CUDA, fp32 elsewhere). The reported NFE
+    per AR step are the head evaluations that actually ran (``model.last_sample_stats``). The model must be in eval
+    mode (dropout off); the caller sets it.
+    """
+
+    model: MAR
+    vae: AutoencoderKL
+    num_iter: int = 64
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    precision: str = "fp16"
+
+    def generate(self, conditions: torch.Tensor, seeds: Sequence[int]) -> GeneratedBatch:
+        device = self.model.fake_latent.device
+        labels = torch.as_tensor(conditions, device=device)  # (B,) int64
+        orders = orders_from_seeds([order_seed(s) for s in seeds], self.model.seq_len, device)  # (B, N)
+        with torch.no_grad(), autocast(device, self.precision):
+            tokens = self.model.sample_tokens(
+                len(seeds), self.num_iter, self.cfg, self.cfg_schedule, labels, self.temperature,
+                noise=PerImageNoise(seeds), orders=orders,
+            )  # (B, C, h, w), scaled latents  # fmt: skip
+            images = self.vae.decode(tokens_to_latent(tokens))  # (B, 3, H, W) in [-1, 1]
+        stats = self.model.last_sample_stats
+        return GeneratedBatch(to_uint8(images), stats.head_calls_per_step if stats is not None else ())
+
+
+def sample_folder_name(
+    *,
+    num_iter: int,
+    temperature: float,
+    cfg_schedule: str,
+    cfg: float,
+    num_images: int,
+    diff_upper_steps: int,
+    diff_lower_steps: int,
+    diff_annealing_strategy: str,
+    num_sampling_steps: str | None = None,
+    use_ema: bool = True,
+    evaluate: bool = True,
+) -> str:
+    """The official sample folder name (relative to ``--output_dir``).
+
+    MAR_DiSA: ``ariter{K}-diffsteps-{strategy}-{upper}-to-{lower}-temp{T}-{cfg_schedule}cfg{cfg}-image{N}``; with
+    the original MAR flag ``num_sampling_steps`` the original ``ariter{K}-diffsteps{S}-temp{T}-...``. Then ``_ema``
+    (EMA weights) and ``_evaluate`` (``--evaluate``). Numbers print as Python does (``cfg 3`` -> ``3.0``). As
+    upstream, the sampler and the clips are not part of the name.
+    """
+    cfg_part = f"temp{float(temperature)}-{cfg_schedule}cfg{float(cfg)}-image{num_images}"
+    if num_sampling_steps is not None:
+        name = f"ariter{num_iter}-diffsteps{num_sampling_steps}-{cfg_part}"
+    else:
+        name = (
+            f"ariter{num_iter}-diffsteps-{diff_annealing_strategy}-{diff_upper_steps}-to-{diff_lower_steps}-{cfg_part}"
+        )
+    return name + ("_ema" if use_ema else "") + ("_evaluate" if evaluate else "")
+
+
+@contextlib.contextmanager
+def ema_weights(model: nn.Module, ema_params: Sequence[torch.Tensor]) -> Iterator[nn.Module]:
+    """Run the block with the EMA values in ``model``'s parameters, then put the trained values back (upstream's
+    ``evaluate(use_ema=True)`` swap), also when the block raises."""
+    params = list(model.parameters())
+    if len(params) != len(ema_params):
+        raise ValueError(f"{len(ema_params)} EMA tensors for {len(params)} parameters")
+    trained = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, ema in zip(params, ema_params):
+            p.copy_(ema)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, trained):
+                p.copy_(value)
