@@ -337,9 +337,19 @@ class MAR(nn.Module):
                 x = block(x)
         return x
 
-    def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+    def forward_mae_encoder(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        class_embedding: torch.Tensor,
+        *,
+        pos_embed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Tokens ``(B, N, C)``, mask ``(B, N)`` (1 = unknown; their values are ignored), class embedding ``(B, D)``
-        -> ``(B, Bf + N_visible, D)``: ``Bf`` rows holding the class embedding, then the known tokens."""
+        -> ``(B, Bf + N_visible, D)``: ``Bf`` rows holding the class embedding, then the known tokens.
+
+        ``pos_embed`` ``(1, Bf + N, D)`` replaces ``encoder_pos_embed_learned`` (Harmon passes it resized to a
+        token grid other than the native one)."""
         x = self.z_proj(x)  # (B, N, D); masked positions are projected too, then dropped
         bsz = x.shape[0]
         if self.training:
@@ -349,13 +359,24 @@ class MAR(nn.Module):
             class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
         buffer = class_embedding[:, None, :].expand(bsz, self.buffer_size, -1)  # (B, Bf, D)
         x = torch.cat([buffer, x], dim=1)  # (B, Bf + N, D)
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)  # the LayerNorm also sees the buffer rows
+        pos_embed = self.encoder_pos_embed_learned if pos_embed is None else pos_embed
+        x = self.z_proj_ln(x + pos_embed)  # the LayerNorm also sees the buffer rows
         keep = self._visible(mask)
         x = x[keep].reshape(bsz, -1, x.shape[-1])  # (B, Bf + N_visible, D), row-major order of `keep`
         return self.encoder_norm(self._blocks(self.encoder_blocks, x))
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder output ``(B, Bf + N_visible, D)`` and mask ``(B, N)`` -> per-position conditions ``z (B, N, D)``."""
+    def forward_mae_decoder(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        pos_embed: torch.Tensor | None = None,
+        diffusion_pos_embed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encoder output ``(B, Bf + N_visible, D)`` and mask ``(B, N)`` -> per-position conditions ``z (B, N, D)``.
+
+        ``pos_embed`` ``(1, Bf + N, D)`` and ``diffusion_pos_embed`` ``(1, N, D)`` replace the learned ones (Harmon
+        passes them resized to its token grid)."""
         x = self.decoder_embed(x)  # (B, V, D)
         keep = self._visible(mask)  # (B, Bf + N)
         bsz, visible, dim = x.shape
@@ -366,8 +387,10 @@ class MAR(nn.Module):
             )
         padded = self.mask_token.to(x.dtype).repeat(bsz, keep.shape[1], 1)  # (B, Bf + N, D)
         padded[keep] = x.reshape(-1, dim)  # back to their positions, row-major as the encoder gathered them
-        x = self.decoder_norm(self._blocks(self.decoder_blocks, padded + self.decoder_pos_embed_learned))
-        return x[:, self.buffer_size :] + self.diffusion_pos_embed_learned  # (B, N, D)
+        pos_embed = self.decoder_pos_embed_learned if pos_embed is None else pos_embed
+        diffusion_pos_embed = self.diffusion_pos_embed_learned if diffusion_pos_embed is None else diffusion_pos_embed
+        x = self.decoder_norm(self._blocks(self.decoder_blocks, padded + pos_embed))
+        return x[:, self.buffer_size :] + diffusion_pos_embed  # (B, N, D)
 
     # ---- training --------------------------------------------------------------------------------------------
 

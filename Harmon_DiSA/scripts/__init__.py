@@ -1,0 +1,1 @@
+"""Harmon command lines: ``python scripts/<name>.py`` from ``Harmon_DiSA/`` or ``-m harmon_disa.scripts.<name>``."""
