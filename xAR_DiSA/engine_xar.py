@@ -50,6 +50,7 @@ __all__ = [
     "NullLabels",
     "XARGenerator",
     "describe_checkpoint",
+    "read_xar_weights",
     "load_xar_weights",
     "build_vae",
     "configure_backends",
@@ -298,21 +299,32 @@ def describe_checkpoint(state: Mapping[str, torch.Tensor]) -> str:
     return text
 
 
-def load_xar_weights(model: xAR, path: str | os.PathLike[str], model_config: ModelConfig) -> Path:
-    """Load ``path`` into ``model`` strictly: a flat state dict (the released xAR-*.pth), a training checkpoint
-    (its EMA weights ``model_ema``, what the official evaluation generates with), or a training folder holding
-    ``checkpoint-last.pth``.
-
-    Raises :class:`CheckpointError` (missing or unreadable file, any missing / unexpected / mis-shaped key, or stored
-    ``mask`` / RoPE buffers that differ from the ones this model computes) with what the file holds against what
-    the flags build. Never leaves random weights in place silently.
-    """
+def read_xar_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict to generate with from ``path``: a flat state dict (the released xAR-*.pth), a training
+    checkpoint's EMA weights (``model_ema``, what the official evaluation generates with), or those of a training
+    folder's ``checkpoint-last.pth``. Raises :class:`CheckpointError` for no path, a missing or an unreadable file."""
     if not os.fspath(path):
         raise CheckpointError(
             "no checkpoint given: pass --resume /path/to/xAR-B.pth (refusing to generate with random weights; "
             "fetch the official files with `python util/download.py`)"
         )
-    state = load_checkpoint(path)
+    return load_checkpoint(path)
+
+
+def load_xar_weights(
+    model: xAR,
+    path: str | os.PathLike[str],
+    model_config: ModelConfig,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Load the weights of ``path`` (:func:`read_xar_weights`; ``state`` if already read) into ``model`` strictly.
+
+    Raises :class:`CheckpointError` (see :func:`read_xar_weights`; any missing / unexpected / mis-shaped key, or
+    stored ``mask`` / RoPE buffers that differ from the ones this model computes) with what the file holds against
+    what the flags build. Never leaves random weights in place silently.
+    """
+    state = read_xar_weights(path) if state is None else state
     try:
         load_state_dict_strict(model, state, what=f"checkpoint {os.fspath(path)!r}")
     except CheckpointError as err:

@@ -41,10 +41,13 @@ from xar_disa.engine_xar import (
     configure_backends,
     evaluate,
     load_xar_weights,
+    read_xar_weights,
 )
 
-__all__ = ["DEVIATIONS", "TRAINING_NOTES", "get_args_parser", "parse_args", "model_config", "sampler_config", "metrics_config",
-           "pick_device", "setup_logging", "summary", "run_evaluation_cli", "CLI_ERRORS", "main"]
+__all__ = [
+    "DEVIATIONS", "TRAINING_NOTES", "CLI_ERRORS", "get_args_parser", "parse_args", "model_config", "sampler_config",
+    "metrics_config", "pick_device", "setup_logging", "summary", "run_evaluation_cli", "main",
+]
 
 DEVIATIONS = """\
 deviations from the official xAR_DiSA/eval.py (results of the official settings are unchanged unless noted):
@@ -325,9 +328,12 @@ def run_evaluation_cli(args: argparse.Namespace, device: torch.device) -> dict[s
     folder = sampler.folder_name(args.num_images, num_iter=args.num_iter, evaluate=args.evaluate)
     config = EvalConfig(sample_dir=Path(args.output_dir) / folder, num_images=args.num_images,
                         batch_size=args.eval_bsz, seed=args.seed, save_npz=args.save_npz)
-    model = model_cfg.build()
-    checkpoint = load_xar_weights(model, args.resume, model_cfg)
+    # Files first: a wrong path fails in a second, not after building a billion-parameter model.
+    state = read_xar_weights(args.resume)
     vae = build_vae(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch)
+    model = model_cfg.build()
+    checkpoint = load_xar_weights(model, args.resume, model_cfg, state=state)
+    del state
     model.to(device).eval()
     vae.to(device).eval()
     generator = XARGenerator(model, vae, sampler, device=device, precision=args.precision)
