@@ -32,26 +32,34 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from torchvision.datasets import ImageFolder
-
 from disa.checkpoints import CheckpointError, exit_on_error, resolve_checkpoint_path
-from disa.distributed import DistributedContext, RankFailedError, init_distributed, run_on_main, shutdown_distributed
-from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError, run_evaluation
+from disa.distributed import (
+    DistributedContext,
+    RankFailedError,
+    init_distributed,
+    run_on_main,
+    shutdown_distributed,
+)
+from disa.evaluation import (
+    ClassBalancedLabels,
+    EvalConfig,
+    EvaluationError,
+    run_evaluation,
+)
+from disa.fashion_mnist import FashionMNIST
 from disa.features import EFFNET_LITE0, INCEPTION
 from disa.guidance import CFG_SCHEDULES
 from disa.metrics import MetricsConfig, check_metrics_inputs, compute_metrics
 from disa.schedules import DDIM_CLIP, DISA_CLIP, STRATEGIES
-from disa.vae import AutoencoderKL, load_vae
+from disa.vae import AutoencoderKL, PixelTokenizer, load_vae
 from mar_disa.engine_mar import (
     LR_SCHEDULES,
     PRECISIONS,
@@ -72,13 +80,19 @@ from mar_disa.engine_mar import (
 )
 from mar_disa.models.diffloss import SAMPLERS
 from mar_disa.models.mar import _SIZES, MAR, MAR_MODELS
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torchvision.datasets import ImageFolder
 
-__all__ = ["ModelConfig", "SamplerConfig", "EvaluationConfig", "build_model", "build_parser", "parse_args", "main"]
+__all__ = ["EvaluationConfig", "ModelConfig", "SamplerConfig", "build_model", "build_parser", "main", "parse_args"]
 
 logger = logging.getLogger("mar_disa.main_mar")
 
 UNUSED = "accepted, unused (as upstream)"
-KL16_STRIDE = 16  # the only VAE: AutoencoderKL's default ch_mult (1, 1, 2, 2, 4) downsamples by 2^4
+KL16_STRIDE = 16  # AutoencoderKL's default ch_mult (1, 1, 2, 2, 4) downsamples by 2^4
+TOKENIZERS = ("kl16", "pixels")  # pixels: disa.vae.PixelTokenizer (stride 1), the Fashion-MNIST testbed's
+DATASETS = ("imagenet", "fashion-mnist")
 
 
 # ---- typed configuration -------------------------------------------------------------------------------------
@@ -321,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae_ch", type=int_at_least(1), default=128,
                    help="not official: base width of the KL-16 VAE (kl16.ckpt: 128; tiny test VAEs use less)")
     g.add_argument("--patch_size", type=int_at_least(1), default=1, help="tokens are patch_size^2 latent pixels")
+    g.add_argument("--tokenizer", default="kl16", choices=TOKENIZERS,
+                   help="kl16: the VAE of --vae_path; pixels: tokens are raw pixel patches (no VAE; needs "
+                        "--vae_stride 1 and --vae_embed_dim = image channels), the embedded Fashion-MNIST testbed")
 
     g = p.add_argument_group("generation")
     g.add_argument("--num_iter", type=int_at_least(1), default=64, help="autoregressive (AR) steps")
@@ -384,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "there: off by default for parity; DDIM and DiSA always use CFG)")
 
     g = p.add_argument_group("data and output")
+    g.add_argument("--dataset", default="imagenet", choices=DATASETS,
+                   help="training data: ImageNet class folders, or Fashion-MNIST's IDX files (Debian package "
+                        "dataset-fashion-mnist; 28x28 grayscale, 10 classes; needs --tokenizer pixels)")
     g.add_argument("--data_path", default="./data/imagenet", help="ImageNet root (training reads <data_path>/train; "
                    "not read by --evaluate, unlike upstream)")
     g.add_argument("--class_num", type=int_at_least(1), default=1000, help="classes (--num_images must be a multiple)")
@@ -476,9 +496,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.diff_sampler, args.diff_upper_steps = "default", steps
         args.diff_lower_steps = min(args.diff_lower_steps, steps)
     check_distributed_arguments(parser, args)
-    if args.vae_stride != KL16_STRIDE:
-        parser.error(f"--vae_stride {args.vae_stride}: the KL-16 VAE downsamples by {KL16_STRIDE} (no other VAE is "
-                     "supported)")
+    if args.tokenizer == "kl16" and args.vae_stride != KL16_STRIDE:
+        parser.error(f"--vae_stride {args.vae_stride}: the KL-16 VAE downsamples by {KL16_STRIDE} (use --tokenizer "
+                     "pixels for stride 1)")
+    if args.tokenizer == "pixels" and (args.vae_stride != 1 or args.vae_embed_dim not in (1, 3)):
+        parser.error(f"--tokenizer pixels needs --vae_stride 1 and --vae_embed_dim 1 (grayscale) or 3 (RGB), got "
+                     f"--vae_stride {args.vae_stride} --vae_embed_dim {args.vae_embed_dim}")
+    if args.dataset == "fashion-mnist" and not (args.tokenizer == "pixels" and args.vae_embed_dim == 1
+                                                and args.img_size == 28 and args.class_num == 10):  # fmt: skip
+        parser.error("--dataset fashion-mnist needs --tokenizer pixels --vae_stride 1 --vae_embed_dim 1 --img_size 28 "
+                     f"--class_num 10 (28x28 grayscale, 10 classes), got --tokenizer {args.tokenizer} --vae_embed_dim "
+                     f"{args.vae_embed_dim} --img_size {args.img_size} --class_num {args.class_num}")
+    if args.dataset == "fashion-mnist" and "data_path" not in _explicit_options(parser, argv):
+        args.data_path = None  # the Debian package's folder, or $DISA_FASHION_MNIST_DIR
     if args.evaluate and not args.resume:
         parser.error("--evaluate needs --resume: a folder holding checkpoint-last.pth, or a .pth file "
                      "(fetch the official ones with `python util/download.py`)")
@@ -512,9 +542,14 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def load_vae_from_args(args: argparse.Namespace, device: torch.device, *, decoder_only: bool = True) -> AutoencoderKL:
+def load_vae_from_args(
+    args: argparse.Namespace, device: torch.device, *, decoder_only: bool = True
+) -> AutoencoderKL | PixelTokenizer:
     """The KL-16 VAE of ``--vae_path`` (``--vae_embed_dim`` channels, base width ``--vae_ch``), frozen, in eval
-    mode on ``device``; any problem with the file is a :class:`CheckpointError` naming it."""
+    mode on ``device``; any problem with the file is a :class:`CheckpointError` naming it. With ``--tokenizer
+    pixels``: the parameter-free :class:`disa.vae.PixelTokenizer` (``--vae_path`` unused)."""
+    if args.tokenizer == "pixels":
+        return PixelTokenizer(args.vae_embed_dim).to(device)
     try:
         vae = load_vae(args.vae_path, decoder_only=decoder_only, embed_dim=args.vae_embed_dim, ch=args.vae_ch)
     except CheckpointError:
@@ -636,8 +671,9 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: DistributedContext) -> di
     model.to(ctx.device)
     vae = load_vae_from_args(args, ctx.device)
     metrics_fn = _metrics_fn(evaluation_config(args))
-    fingerprint = {"checkpoint": str(checkpoint.resolve()), "weights": "model_ema",
-                   "vae_path": str(Path(args.vae_path).resolve()), "architecture": model_config(args).architecture()}
+    tokenizer = "pixels" if args.tokenizer == "pixels" else str(Path(args.vae_path).resolve())
+    fingerprint = {"checkpoint": str(checkpoint.resolve()), "weights": "model_ema", "vae_path": tokenizer,
+                   "architecture": model_config(args).architecture()}
     results = _generate(model, vae, args, cfg=args.cfg, batch_size=args.eval_bsz,
                         folder=_folder(args, args.cfg, evaluate=True), fingerprint=fingerprint,
                         metrics_fn=metrics_fn, device=ctx.device)  # fmt: skip
@@ -650,6 +686,11 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: DistributedContext) -> di
 
 
 def _train_dataset(args: argparse.Namespace) -> Dataset:
+    if args.dataset == "fashion-mnist":
+        try:
+            return FashionMNIST("train", args.data_path, random_flip=True)
+        except (OSError, ValueError) as err:
+            raise DataError(f"--dataset fashion-mnist: {err}") from err
     if args.use_cached:
         if not Path(args.cached_path).is_dir():
             raise DataError(f"--cached_path {args.cached_path!r} is not a folder (write it with main_cache.py)")

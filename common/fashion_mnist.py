@@ -18,8 +18,18 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-__all__ = ["DEFAULT_ROOT", "ENV_VAR", "APT_INSTALL", "CLASSES", "fashion_mnist_root", "load_fashion_mnist", "to_rgb"]
+__all__ = [
+    "APT_INSTALL",
+    "CLASSES",
+    "DEFAULT_ROOT",
+    "ENV_VAR",
+    "FashionMNIST",
+    "fashion_mnist_root",
+    "load_fashion_mnist",
+    "to_rgb",
+]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "DISA_FASHION_MNIST_DIR"
@@ -108,3 +118,29 @@ def to_rgb(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8 or x.dim() != 3:
         raise ValueError(f"expected grayscale uint8 images (N, H, W), got {x.dtype} {tuple(x.shape)}")
     return x[:, None].expand(-1, 3, -1, -1).contiguous()  # (N, 3, H, W)
+
+
+class FashionMNIST(Dataset):
+    """One split as training items ``(image (1, 28, 28) float32 in [-1, 1], label)``.
+
+    ``random_flip`` mirrors each image left-right with probability 1/2 (the augmentation of MAR's ImageNet
+    training; garments stay garments when mirrored). The whole split is held in memory (47 MB for ``train``).
+    """
+
+    def __init__(
+        self, split: Literal["train", "test"] = "train", root: str | os.PathLike[str] | None = None, *,
+        random_flip: bool = False,
+    ) -> None:  # fmt: skip
+        images, labels = load_fashion_mnist(split, root)
+        self.images = torch.from_numpy(images.copy())  # (N, 28, 28) uint8
+        self.labels = torch.from_numpy(labels)  # (N,) int64
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index][None].float() / 127.5 - 1.0  # (1, 28, 28) in [-1, 1]
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])

@@ -49,9 +49,10 @@ import struct
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -60,28 +61,38 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+from torch_fidelity.metric_kid import (
+    KEY_METRIC_KID_MEAN,
+    KEY_METRIC_KID_STD,
+    kid_features_to_metric,
+)
+from torch_fidelity.metric_prc import (
+    KEY_METRIC_PRECISION,
+    KEY_METRIC_RECALL,
+    prc_features_to_metric,
+)
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import glob_samples_paths
 
 from .features import EFFNET_LITE0, INCEPTION, METRIC_TAGS, build_extractor
 
 __all__ = [
+    "FeatureMoments",
+    "FidStatistics",
     "ImageSource",
     "MetricsConfig",
-    "TensorImages",
     "NpzImages",
-    "FidStatistics",
-    "FeatureMoments",
     "SplitScoreSums",
-    "is_split_ids",
-    "metric_names",
-    "frechet_distance",
+    "TensorImages",
     "check_metrics_inputs",
     "compute_fid_statistics",
     "compute_metrics",
+    "extract_features",
+    "frechet_distance",
+    "is_split_ids",
     "main",
+    "metric_names",
+    "metrics_from_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -718,6 +729,42 @@ def compute_metrics(samples: ImageSource, cfg: MetricsConfig) -> dict[str, float
         return {k: float(v) for k, v in results.items()}
 
     return _main_computes(finish, cfg.distributed)
+
+
+def extract_features(images: ImageSource, cfg: MetricsConfig, metric: str = "fid") -> torch.Tensor:
+    """Features ``(N, D)`` float32 of ``images`` from the layer ``cfg.extractor`` uses for ``metric`` (``fid``,
+    ``kid`` or ``prc``), in image order, on the CPU; every rank takes part and every rank gets them.
+
+    For repeated scoring against one reference (sweeps, the Fashion-MNIST testbed): extract the reference once,
+    keep the tensor, and score each run with :func:`metrics_from_features`.
+    """
+    dataset = _as_dataset(images, "images")
+    layer = _layer(cfg, metric)
+    out = _extract(dataset, _build(cfg, [layer]), cfg, keep_layers=[layer])
+    return _main_computes(lambda: out.kept[layer], cfg.distributed)  # type: ignore[index]
+
+
+def metrics_from_features(
+    features: torch.Tensor, reference: torch.Tensor, extractor: str, *, prc: bool = True, prc_neighborhood: int = 3
+) -> dict[str, float]:
+    """FD (named as :func:`metric_names` says) and, with ``prc``, precision / recall of ``features (N, D)`` against
+    ``reference (M, D)``, both from :func:`extract_features` with the same extractor (FID and PRC share the layer
+    for both supported extractors). Same numbers as :func:`compute_metrics` up to float rounding."""
+    if features.dim() != 2 or reference.dim() != 2 or features.shape[1] != reference.shape[1]:
+        raise ValueError(f"features {tuple(features.shape)} and reference {tuple(reference.shape)} must be (N, D) "
+                         "and (M, D) with the same D")
+    names = metric_names(extractor)
+    stats = []
+    for feats in (features, reference):
+        moments = FeatureMoments(feats.shape[1])
+        moments.update(feats)
+        stats.append(moments.statistics(extractor))
+    results = {names["fid"]: frechet_distance(stats[0], stats[1])}
+    if prc:
+        out = prc_features_to_metric(features, reference, prc_neighborhood=prc_neighborhood, save_cpu_ram=True,
+                                     verbose=False)
+        results[names["precision"]], results[names["recall"]] = out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+    return {k: float(v) for k, v in results.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ parameters for the default configuration):
   latents and the tokens the AR models work with;
 * :func:`load_vae` — strict, loud checkpoint loading (see its docstring for how it departs from the official
   ``strict=False``);
-* :func:`to_uint8` — the official post-processing to 8-bit RGB.
+* :func:`to_uint8` — the official post-processing to 8-bit RGB;
+* :class:`PixelTokenizer` — the identity "autoencoder" of the embedded Fashion-MNIST testbed (tokens are pixels).
 
 Typical generation code::
 
@@ -21,7 +22,8 @@ Typical generation code::
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,18 +35,19 @@ from .noise import NoiseSource
 
 __all__ = [
     "LATENT_SCALE",
-    "latent_to_tokens",
-    "tokens_to_latent",
-    "DiagonalGaussian",
-    "ResnetBlock",
     "AttnBlock",
-    "Downsample",
-    "Upsample",
-    "Encoder",
-    "Decoder",
     "AutoencoderKL",
+    "Decoder",
+    "DiagonalGaussian",
+    "Downsample",
+    "Encoder",
+    "PixelTokenizer",
+    "ResnetBlock",
+    "Upsample",
+    "latent_to_tokens",
     "load_vae",
     "to_uint8",
+    "tokens_to_latent",
 ]
 
 # MAR's training latents are posterior samples times 0.2325 (chosen to give the latents about unit std); every
@@ -432,3 +435,47 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     x = (x + 1) / 2
     x = torch.round(torch.clamp(x * 255, 0, 255))  # torch.round, like np.round, rounds half to even
     return x.to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
+class _PointPosterior:
+    """A posterior with no spread: ``sample`` and ``mode`` return the latent itself and draw no noise."""
+
+    def __init__(self, latent: torch.Tensor) -> None:
+        self.mean = latent
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, noise: torch.Tensor | NoiseSource) -> torch.Tensor:
+        return self.mean
+
+
+class PixelTokenizer(nn.Module):
+    """Pixels as tokens: a parameter-free stand-in for :class:`AutoencoderKL` with the same ``encode``/``decode``.
+
+    Used by the embedded Fashion-MNIST testbed, where images are 28x28 and a learned VAE would cost more than the
+    model it serves: MAR's ``patch_size`` 4 then turns a (1, 28, 28) image into 7x7 = 49 tokens of 16 pixel values.
+    The generators scale latents by the KL-16 constant (:data:`LATENT_SCALE`) on the way in and out, so this
+    tokenizer's "latent" is ``pixels / 0.2325``: the tokens the AR model sees are the pixels themselves, in
+    [-1, 1]. ``decode`` repeats a single channel three times, giving the RGB images every consumer (PNG writer,
+    feature extractors) expects.
+    """
+
+    def __init__(self, channels: int = 1) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"PixelTokenizer: channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        self.embed_dim = channels
+        self.downsample_factor = 1
+
+    def encode(self, x: torch.Tensor) -> _PointPosterior:
+        """Image ``(B, C, H, W)`` in [-1, 1] -> its latent ``(B, C, H, W)`` (tokens = latent x 0.2325 = pixels)."""
+        if x.dim() != 4 or x.shape[1] != self.embed_dim:
+            raise ValueError(f"PixelTokenizer({self.embed_dim}) encodes (B, {self.embed_dim}, H, W) images, got "
+                             f"{tuple(x.shape)}")
+        return _PointPosterior(x / LATENT_SCALE)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent ``(B, C, H, W)`` -> image ``(B, 3, H, W)`` (pixels = latent x 0.2325; grayscale repeated)."""
+        images = z * LATENT_SCALE
+        return images.expand(-1, 3, -1, -1) if self.embed_dim == 1 else images

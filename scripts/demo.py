@@ -1,109 +1,146 @@
-"""Main demo: DiSA vs the original sampler, end to end on a tiny model, on the CPU in seconds.
+"""Main demo: DiSA against the original sampler on the shipped Fashion-MNIST MAR, end to end, on the CPU.
 
-Until the embedded Fashion-MNIST model ships (its own issue), this runs the real sampling path of a MAR-style
-per-token diffusion head with **seeded random weights**: every AR step samples its tokens with the DiffLoss head
-(the original sampler: ``upper`` steps at every AR step; DiSA: ``upper`` annealed to ``lower``), the token grid is
-decoded by a tiny KL VAE, and PNG grids are written. The images are not meaningful (nothing is trained); the
-timing, the number of network evaluations and the plumbing are real.
+Samples the embedded model (``MAR_DiSA/assets/fashion_mnist_mar_tiny.pth``, trained here with ``main_mar.py``; model
+card in ``MAR_DiSA/assets/MODEL_CARD.md``) with the original sampler (``--upper`` diffusion steps at every AR step)
+and with DiSA (``--upper`` annealed to ``--lower``), the same labels and per-image seeds for both, then scores both
+sets against Fashion-MNIST test images with EfficientNet-Lite0 features (FD_EffNet-Lite0, precision, recall; the
+reference features are extracted once and cached). Writes to ``--out``:
 
-    python scripts/demo.py [--out outputs/demo] [--num-images 8] [--num-iter 16] [--upper 50] [--lower 5]
+* ``original.png``, ``DiSA.png`` — one row per class (T-shirt/top, Trouser, ... Ankle boot), 10 samples each;
+* ``results.json`` — every number of the table, the settings and the environment;
+* ``tradeoff.png`` — time per image vs FD_EffNet-Lite0;
+
+and prints the table::
+
+    python scripts/demo.py                     # or `make demo`; ~3 minutes on 2 CPU cores
+    python scripts/demo.py --num_images 2000 --lower 10 --out outputs/demo_big
 """
 from __future__ import annotations
 
 import argparse
-import time
+import json
+import platform
+import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-
-from disa.noise import TorchNoise
+from disa.checkpoints import CheckpointError
+from disa.results import RunSummary, plot_tradeoff
 from disa.schedules import STRATEGIES
-from disa.vae import AutoencoderKL, to_uint8, tokens_to_latent
-from mar_disa.models.diffloss import DiffLoss
+from mar_disa.main_mar import SamplerConfig
+from mar_disa.testbed import (
+    REFERENCE_IMAGES,
+    SHIPPED_CHECKPOINT,
+    balanced_labels,
+    class_grid,
+    load_testbed_model,
+    reference_features,
+    sample_images,
+    score,
+)
 
-TOKEN_CHANNELS, COND_CHANNELS, GRID = 16, 64, 4  # 4x4 tokens of 16 channels -> 16x16 px through a x4 VAE
+FD = "FD_EffNet-Lite0"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for the PNG grids")
-    p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--num-iter", type=int, default=16, help="AR steps (tokens are revealed in a random order)")
-    p.add_argument("--upper", type=int, default=50, help="diffusion steps of the original sampler / DiSA's first")
-    p.add_argument("--lower", type=int, default=5, help="DiSA's diffusion steps at the last AR step")
-    p.add_argument("--strategy", choices=STRATEGIES, default="linear")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    if args.num_images < 1 or not 1 <= args.num_iter <= GRID * GRID:
-        p.error(f"need --num-images >= 1 and 1 <= --num-iter <= {GRID * GRID}")
+    p.add_argument("--checkpoint", type=Path, default=SHIPPED_CHECKPOINT, help="testbed checkpoint")
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for grids, results.json, plot")
+    p.add_argument("--num_images", type=int, default=500, help="images per sampler (a multiple of 10, >= 100)")
+    p.add_argument("--batch_size", type=int, default=250, help="images per generation batch")
+    p.add_argument("--num_iter", type=int, default=16, help="AR steps (49 tokens)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--temperature", type=float, default=1.0, help="noise scale of the ancestral sampler")
+    p.add_argument("--upper", type=int, default=50, help="the original sampler's steps / DiSA's first AR step")
+    p.add_argument("--lower", type=int, default=5, help="DiSA's steps at the last AR step")
+    p.add_argument("--strategy", choices=STRATEGIES, default="linear", help="DiSA's annealing strategy")
+    p.add_argument("--seed", type=int, default=0, help="base seed (image k uses seed * num_images + k)")
+    p.add_argument("--reference_images", type=int, default=REFERENCE_IMAGES, help="Fashion-MNIST test images")
+    p.add_argument("--cache_dir", type=Path, default=None, help="reference-feature cache (default ~/.cache/disa)")
+    p.add_argument("--no_metrics", action="store_true", help="only sample and time (no feature extraction)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.num_images < 100 or args.num_images % 10:
+        p.error(f"--num_images must be a multiple of 10 and >= 100 (10 per class for the grids), got {args.num_images}")
+    if args.batch_size < 1 or args.threads is not None and args.threads < 1:
+        p.error("--batch_size and --threads must be >= 1")
     if not 1 <= args.lower <= args.upper:
-        p.error(f"need 1 <= --lower <= --upper, got lower={args.lower}, upper={args.upper}")
+        p.error(f"need 1 <= --lower <= --upper, got --lower {args.lower} --upper {args.upper}")
+    if not 1 <= args.num_iter <= 49:
+        p.error(f"--num_iter must be in [1, 49] (the model has 49 tokens), got {args.num_iter}")
+    if not args.checkpoint.is_file():
+        p.error(f"--checkpoint {args.checkpoint} does not exist (the shipped one is {SHIPPED_CHECKPOINT})")
     return args
 
 
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Seeded small random weights everywhere (the official init zeroes the head's output layers)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 / max(1, p.shape[-1]) ** 0.5)
+def samplers(args: argparse.Namespace) -> dict[str, SamplerConfig]:
+    common = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature,
+              "diff_upper_steps": args.upper}
+    return {
+        "original": SamplerConfig(diff_sampler="default", **common),
+        "DiSA": SamplerConfig(diff_sampler="DiSA", diff_lower_steps=args.lower,
+                              diff_annealing_strategy=args.strategy, **common),
+    }  # fmt: skip
 
 
-def generate(head: DiffLoss, cond: torch.Tensor, order: torch.Tensor, num_iter: int, seed: int) -> tuple[torch.Tensor, int]:
-    """Fill the (B, N, C) token grid over ``num_iter`` AR steps; returns tokens and sequential head calls."""
-    b, n, _ = cond.shape
-    tokens = torch.zeros(b, n, TOKEN_CHANNELS)
-    noise, calls = TorchNoise(torch.Generator().manual_seed(seed)), 0
-    bounds = np.linspace(0, n, num_iter + 1).round().astype(int)  # tokens revealed per AR step
-    for k in range(num_iter):
-        positions = order[:, bounds[k] : bounds[k + 1]]  # (B, n_k)
-        z = torch.gather(cond, 1, positions[..., None].expand(-1, -1, COND_CHANNELS)).reshape(-1, COND_CHANNELS)
-        sampled = head.sample(z, temperature=1.0, step=k, ar_num_iter=num_iter, noise=noise)  # (B n_k, C)
-        tokens.scatter_(1, positions[..., None].expand(-1, -1, TOKEN_CHANNELS), sampled.view(b, -1, TOKEN_CHANNELS))
-        calls += len(head.diffusion_for(head.steps_for(k, num_iter)).timestep_map)
-    return tokens, calls
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'sampler':<10} {'AR steps':>8} {'steps/token':>11} {'NFE/img':>8} {'ms/img':>8} {FD:>16} {'precision':>9} " \
+           f"{'recall':>7}"  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        m = r["metrics"] or {}
+        cells = [f"{m[k]:.{d}f}" if k in m else "-" for k, d in ((FD, 2), (f"precision_{FD[3:]}", 3),
+                                                                    (f"recall_{FD[3:]}", 3))]  # fmt: skip
+        lines.append(f"{r['sampler']:<10} {r['ar_steps']:>8} {r['steps_per_token']:>11.2f} {r['nfe_per_image']:>8.0f} "
+                     f"{1000 * r['sec_per_image']:>8.1f} {cells[0]:>16} {cells[1]:>9} {cells[2]:>7}")
+    return "\n".join(lines)
 
 
-def main() -> None:
-    args = parse_args()
-    torch.manual_seed(args.seed)
-    n = GRID * GRID
-    cond = torch.randn(args.num_images, n, COND_CHANNELS)  # stands in for the MAR decoder output z
-    order = torch.stack([torch.randperm(n) for _ in range(args.num_images)])  # (B, N) generation orders
-    vae = AutoencoderKL(embed_dim=TOKEN_CHANNELS, ch_mult=(1, 1, 2), ch=32, num_res_blocks=1, resolution=16,
-                        with_encoder=False).eval()
-    randomise(vae, args.seed + 1)
-
-    heads = {
-        "original": DiffLoss(TOKEN_CHANNELS, COND_CHANNELS, 2, 128, args.upper, args.upper, diff_sampler="default"),
-        "DiSA": DiffLoss(TOKEN_CHANNELS, COND_CHANNELS, 2, 128, args.upper, args.lower,
-                         diff_annealing_strategy=args.strategy, diff_sampler="DiSA"),
-    }
-    for head in heads.values():
-        randomise(head, args.seed + 2)  # the same weights for both samplers
-        head.eval()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    print(f"{args.num_images} images, {n} tokens each, {args.num_iter} AR steps, "
-          f"original: {args.upper} steps/AR step, DiSA: {args.strategy} {args.upper}->{args.lower}")
-    seconds = {}
-    for name, head in heads.items():
-        generate(head, cond[:1], order[:1], args.num_iter, args.seed)  # warm-up (not timed)
-        start = time.perf_counter()
-        tokens, calls = generate(head, cond, order, args.num_iter, args.seed)
-        with torch.no_grad():
-            latent = tokens_to_latent(tokens.transpose(1, 2).reshape(-1, TOKEN_CHANNELS, GRID, GRID))
-            images = to_uint8(vae.decode(latent))  # (B, H, W, 3)
-        seconds[name] = time.perf_counter() - start
-        grid = np.concatenate(list(images), axis=1)  # the images side by side
-        path = args.out / f"{name}.png"
-        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
-        print(f"{name:>8}: {seconds[name] / args.num_images * 1e3:7.1f} ms/image, "
-              f"{calls} sequential head calls per batch -> {path}")
-    print(f"DiSA speed-up over the original sampler: {seconds['original'] / seconds['DiSA']:.2f}x")
+    try:
+        reference = None if args.no_metrics else reference_features(args.cache_dir, num_images=args.reference_images)
+        labels, seeds = balanced_labels(args.num_images, args.seed)
+        rows = []
+        for name, sampler in samplers(args).items():
+            model = load_testbed_model(args.checkpoint, sampler=sampler)
+            run = sample_images(model, labels, seeds, num_iter=args.num_iter, cfg=args.cfg,
+                                temperature=args.temperature, batch_size=args.batch_size)  # fmt: skip
+            grid = args.out / f"{name}.png"
+            class_grid(run.images, run.labels).save(grid)
+            rows.append({"sampler": name, "config": asdict(sampler), "ar_steps": args.num_iter,
+                         "steps_per_token": run.steps_per_token, "nfe_per_image": run.nfe_per_image,
+                         "nfe_per_ar_step": list(run.nfe_per_ar_step), "tokens_per_ar_step": list(run.tokens_per_ar_step),
+                         "sec_per_image": run.sec_per_image, "grid": str(grid),
+                         "metrics": None if reference is None else score(run.images, reference)})  # fmt: skip
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 1
+    speedup = rows[0]["sec_per_image"] / rows[1]["sec_per_image"]
+    results = {"rows": rows, "speedup": speedup, "num_images": args.num_images, "seed": args.seed,
+               "checkpoint": str(args.checkpoint), "reference_images": args.reference_images,
+               "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "machine": platform.machine(), "python": platform.python_version()}}  # fmt: skip
+    results_path = args.out / "results.json"
+    results_path.write_text(json.dumps(results, indent=2))
+    print(format_table(rows))
+    print(f"\nDiSA {args.upper}->{args.lower} ({args.strategy}) speed-up over the original sampler: {speedup:.2f}x "
+          f"(CPU, {torch.get_num_threads()} threads, {args.num_images} images each, measured in this run)")
+    if reference is not None:
+        fd = [r["metrics"][FD] for r in rows]
+        print(f"{FD}: {fd[0]:.2f} (original) -> {fd[1]:.2f} (DiSA), change {fd[1] - fd[0]:+.2f}")
+        runs = [RunSummary(label=f"sampler:{r['sampler']}", path=results_path, sec_per_image=r["sec_per_image"],
+                           images_per_second=None, nfe_per_image=r["nfe_per_image"], num_images=args.num_images,
+                           world_size=1, metrics=r["metrics"]) for r in rows]  # fmt: skip
+        print(f"plot: {plot_tradeoff(runs, FD, args.out / 'tradeoff.png', xlabel='seconds per image (CPU)')}")
+    print(f"grids: {', '.join(r['grid'] for r in rows)}\nresults: {results_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
