@@ -1,15 +1,18 @@
 """Time per image and NFE of FlowAR-S/L/H, original sampler against DiSA, side by side in one run.
 
-    python -m flowar_disa.benchmark                          # S, L, H at full size, batch 1, CUDA if available
-    python scripts/benchmark.py flowar --sizes small --num_scales 3
+    python -m flowar_disa.benchmark                          # S, L, H at full size, batch 256, CUDA if available
+    python scripts/benchmark.py flowar --sizes small --num_scales 3 --batch_size 1
+    python scripts/benchmark.py flowar --sizes small --compare attention=math attention=sdpa
 
 Real model sizes with random weights (the arithmetic does not depend on the values) and a random full-size KL-16
-decoder. Each size runs the official README settings: the original sampler (``--num_step`` 25 for S/L, 50 for H)
-and DiSA (25 -> 15 for S/L, 50 -> 15 for H) with the README's cfg and guidance, through the same
-:class:`~flowar_disa.engine_flowar.FlowARGenerator` as the evaluation (sampling + VAE decode, the span the official
-code times). :func:`measure` times the settings in interleaved rounds with :mod:`disa.benchmark`'s timer (device
-synchronised, warm-up untimed), counts their FLOPs with ``torch.utils.flop_counter`` and prints the measured speed-up
-next to the FLOP ratio (:func:`disa.benchmark.format_table`).
+decoder. Each size runs the official README settings (``sampler=`` presets): the original sampler (``--num_step``
+25 for S/L, 50 for H) and DiSA (25 -> 15 for S/L, 50 -> 15 for H) with the README's cfg and guidance, through the
+same :class:`~flowar_disa.engine_flowar.FlowARGenerator` as the evaluation (sampling + VAE decode, the span the
+official code times). :mod:`disa.benchmark` times them interleaved (warm-up untimed, device synchronised), counts
+their FLOPs with ``torch.utils.flop_counter`` (math attention, which the counter sees) and prints seconds per image
+with its spread, images/s, NFE, the fraction of the peak matmul throughput, peak memory and the paired speed-up
+next to the FLOP ratio. ``--compare A B`` times two ``key=value`` overrides instead (knobs ``sampler``,
+``precision``, ``attention``; ``--help`` lists them).
 
 ``--num_scales K`` (not the official model) keeps the network sizes but generates only the first K scales
 (img_size = 16 * 2^(K-1)), for machines where the full 256 px run is too slow (the CPU figures in the README). DiSA's
@@ -21,16 +24,44 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-
-from disa.benchmark import Measurement, Setting, count_flops, format_table, time_batches
+from disa.benchmark import (
+    Knob,
+    Knobs,
+    MemoryProbe,
+    Setting,
+    add_arguments,
+    attention_backend,
+    attention_knob,
+    compute_dtype,
+    configurations,
+    count_flops,
+    machine_line,
+    precision_knob,
+    report,
+    resolve_device,
+    time_interleaved,
+)
 from disa.vae import AutoencoderKL
-from flowar_disa.engine_flowar import PRECISIONS, FlowARGenerator, ModelConfig, SamplerConfig, configure_backends
+from flowar_disa.engine_flowar import (
+    FlowARGenerator,
+    ModelConfig,
+    SamplerConfig,
+    configure_backends,
+)
 
-__all__ = ["SizeSpec", "SIZES", "settings_for", "measure", "main"]
+__all__ = ["SizeSpec", "SIZES", "EVAL_BSZ", "KNOBS", "settings_for", "preset_names", "main"]
+
+EVAL_BSZ = 256  # the DiSA README's --eval_bsz
+KNOBS = Knobs((
+    Knob("sampler", "DiSA", "original = the README's --num_step at every scale; DiSA = its upper -> lower steps",
+         ("original", "DiSA")),
+    precision_knob(),
+    attention_knob(),
+))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,96 +86,88 @@ SIZES = {
 
 
 def settings_for(spec: SizeSpec, num_scales: int, batch_size: int, device: torch.device,
-                 precision: str) -> tuple[list[Setting], list[str]]:
-    """The original and DiSA settings of one size (sharing one randomly initialised model and decoder), and a line
-    per setting with its flow-head calls per scale."""
+                 configs: Sequence[tuple[str, Mapping[str, Any]]]
+                 ) -> tuple[list[Setting], list[str], list[Callable[[], float]]]:
+    """The settings of ``configs`` (name, knob values) for one size, sharing one randomly initialised model and
+    decoder; a line per setting with its flow-head calls per scale; and a callable per setting that counts its FLOPs
+    (math attention, so that the counter sees it)."""
     stride = 16
     model_cfg = ModelConfig(model=spec.model, img_size=stride * 2 ** (num_scales - 1), vae_stride=stride,
                             diffloss_d=spec.diffloss_d, diffloss_w=spec.diffloss_w)
     with torch.device(device):
         model = model_cfg.build().eval()
         vae = AutoencoderKL(with_encoder=False).eval()
-    labels = torch.arange(batch_size) * 97 % 1000  # (B,) arbitrary classes
+    labels = torch.arange(batch_size, device=device) * 97 % 1000  # (B,) arbitrary classes
     seeds = list(range(batch_size))
     samplers = {
-        f"original {spec.original_steps} steps": SamplerConfig(num_step=spec.original_steps, cfg=spec.cfg,
-                                                                guidance=spec.guidance),
-        f"DiSA {spec.disa_steps[0]}->{spec.disa_steps[1]}": SamplerConfig(*spec.disa_steps, cfg=spec.cfg,
-                                                                            guidance=spec.guidance),
+        "original": SamplerConfig(num_step=spec.original_steps, cfg=spec.cfg, guidance=spec.guidance),
+        "DiSA": SamplerConfig(*spec.disa_steps, cfg=spec.cfg, guidance=spec.guidance),
     }
-    settings, notes = [], []
-    for name, sampler in samplers.items():
-        generator = FlowARGenerator(model, vae, sampler, device=device, precision=precision)
+    settings, notes, counters = [], [], []
+    for name, values in configs:
+        generator = FlowARGenerator(model, vae, samplers[values["sampler"]], device=device,
+                                    precision=values["precision"])
 
-        def generate(generator: FlowARGenerator = generator) -> float:
-            out = generator.generate(labels, seeds)
+        def generate(generator: FlowARGenerator = generator, attention: str = values["attention"]) -> float:
+            with torch.no_grad(), attention_backend(attention):
+                out = generator.generate(labels, seeds)
             return float(sum(out.nfe_per_ar_step))  # sequential flow-head calls per image
 
-        settings.append(Setting(name, generate, batch_size))
+        def flops(generator: FlowARGenerator = generator) -> float:
+            with attention_backend("math"):
+                return count_flops(lambda: generator.generate(labels, seeds))
+
+        settings.append(Setting(name, generate, batch_size, compute_dtype(values["precision"], device)))
         notes.append(f"  {name}: flow-head calls per scale {list(generator.nfe_per_ar_step)}")
-    return settings, notes
+        counters.append(flops)
+    return settings, notes, counters
 
 
-def measure(settings: Sequence[Setting], device: torch.device, *, rounds: int, warmup: int, repeats: int,
-            flops: bool) -> list[Measurement]:
-    """Like :func:`disa.benchmark.run_settings`, but in ``rounds`` interleaved rounds (A B, B A, A B, ...) keeping
-    each setting's fastest round: on a shared machine a slow spell then hits both settings alike instead of whichever
-    ran during it (the minimum is the usual estimator under noise, as ``timeit`` uses). One warm-up before the
-    first round; FLOPs counted once per setting."""
-    best = {s.name: float("inf") for s in settings}
-    nfe = {s.name: 0.0 for s in settings}
-    for r in range(rounds):
-        for s in (settings if r % 2 == 0 else list(reversed(settings))):
-            seconds, nfe[s.name] = time_batches(s.generate, device, warmup=warmup if r == 0 else 0, repeats=repeats)
-            best[s.name] = min(best[s.name], seconds)
-    return [
-        Measurement(s.name, best[s.name] / s.batch_size, nfe[s.name],
-                    count_flops(s.generate) / s.batch_size / 1e12 if flops else None)
-        for s in settings
-    ]
+def preset_names(spec: SizeSpec) -> list[tuple[str, dict[str, str]]]:
+    """The default rows: the original sampler, then DiSA, named by their step counts."""
+    return [(f"original {spec.original_steps} steps", {"sampler": "original"}),
+            (f"DiSA {spec.disa_steps[0]}->{spec.disa_steps[1]}", {"sampler": "DiSA"})]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flowar_disa.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="models to time")
-    p.add_argument("--batch_size", type=int, default=1, help="images per batch")
     p.add_argument("--num_scales", type=int, default=5, choices=range(1, 6), metavar="{1..5}",
                    help="scales to generate (5 = the real 256 px model; fewer for slow machines)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS,
-                   help="fp16 = the official autocast on CUDA (fp32 on the CPU)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches before timing each setting")
-    p.add_argument("--repeats", type=int, default=1, help="timed batches per setting and round")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="interleaved timing rounds; the fastest round of each setting is reported")
-    p.add_argument("--no_flops", action="store_true", help="skip the FLOP count (one batch less per setting)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_arguments(p, KNOBS, batch_size=EVAL_BSZ, batch_note=f"{EVAL_BSZ}, the DiSA README's --eval_bsz")
+    # Older spelling kept for the commands in FlowAR_DiSA/README.md: a round is now one interleaved repeat.
+    p.add_argument("--rounds", dest="repeats", type=int, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if min(args.batch_size, args.repeats, args.rounds, args.threads or 1) < 1 or args.warmup < 0:
-        _parser().error("need --batch_size, --repeats, --rounds, --threads >= 1 and --warmup >= 0")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--rounds must be >= 1, got {args.repeats}")
+    base = KNOBS.defaults()
+    # Validate overrides once, before building anything large.
+    configurations(parser, KNOBS, args, preset_names(SIZES[args.sizes[0]]), base)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     logging.basicConfig(level=logging.WARNING)
     configure_backends(device)
     side = 2 ** (args.num_scales - 1)
-    # CPU timings depend on what else runs: print the machine's load next to them.
-    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
-    print(f"FlowAR benchmark on {device} ({torch.get_num_threads()} threads on the CPU{load}), precision "
-          f"{args.precision}, batch {args.batch_size}, {args.num_scales} scales (latent {side}x{side}, {16 * side} px)"
-          + ("" if args.num_scales == 5 else " -- reduced: the real model generates 5 scales"), flush=True)
+    print(f"FlowAR benchmark on {machine_line(device)}, batch {args.batch_size}, {args.num_scales} scales (latent "
+          f"{side}x{side}, {16 * side} px)" + ("" if args.num_scales == 5 else " -- reduced: the real model generates "
+          "5 scales") + f", warmup {args.warmup}, repeats {args.repeats} (interleaved)", flush=True)  # fmt: skip
+    memory, peaks = MemoryProbe(device), {}
     for size in args.sizes:
         spec = SIZES[size]
-        settings, notes = settings_for(spec, args.num_scales, args.batch_size, device, args.precision)
-        results = measure(settings, device, rounds=args.rounds, warmup=args.warmup, repeats=args.repeats,
-                          flops=not args.no_flops)
+        configs = configurations(parser, KNOBS, args, preset_names(spec), base)
+        settings, notes, counters = settings_for(spec, args.num_scales, args.batch_size, device, configs)
+        results = time_interleaved(settings, device, warmup=args.warmup, repeats=args.repeats, memory=memory)
+        if not args.no_flops:
+            results = [replace(r, flops_per_batch=count()) for r, count in zip(results, counters)]
         print(f"\n{spec.label} ({spec.model}, flow head {spec.diffloss_d}x{spec.diffloss_w}, cfg {spec.cfg}, "
               f"guidance {spec.guidance}); time covers sampling + VAE decode")
-        print(format_table(results))
+        print(report(results, device, peak=not args.no_peak, memory=memory, peak_cache=peaks))
         print("\n".join(notes), flush=True)
         if hasattr(os, "getloadavg"):
             print(f"  (load average now {os.getloadavg()[0]:.1f})", flush=True)

@@ -1,49 +1,70 @@
 """DiSA's speed-up on MAR-B/L/H, measured side by side in one run (random weights: the cost does not depend on them).
 
-For each model size, three settings, each generating and decoding one batch of class-conditional images with CFG
-(the official evaluation's timed region, :class:`mar_disa.engine_mar.MARGenerator`):
+For each model size, three settings (``sampler=`` presets), each generating and decoding one batch of
+class-conditional images with CFG (the official evaluation's timed region, :class:`mar_disa.engine_mar.MARGenerator`):
 
 * ``original``: 256 AR steps, 100 diffusion steps at every AR step (MAR's published setting);
 * ``fixed``: 64 AR steps, 50 diffusion steps at every AR step (MAR's faster setting);
 * ``DiSA``: 64 AR steps, diffusion steps annealed linearly 50 -> 5 (MAR_DiSA's README setting, 950 clip).
 
-It prints, per size, seconds per image, NFE per image (sequential diffusion-head evaluations), TFLOP per image and
-the measured and FLOP-based speed-ups (:mod:`disa.benchmark`), then the FLOP-based expectation for the official
-settings computed from the schedules alone (no run). FLOPs are counted from the architecture and the schedule that
-actually ran (:func:`mar_flops_per_image`, checked against ``torch.utils.flop_counter`` in the tests) plus the VAE
-decode counted once with the flop counter::
+They run interleaved (:mod:`disa.benchmark`: warm-up untimed, device synchronised, ``--repeats`` rounds) and it
+prints, per size, seconds per image (median and range), images/s, NFE per image (sequential diffusion-head
+evaluations), TFLOP per image, the fraction of the peak matmul throughput, peak memory and the paired speed-ups,
+then the FLOP-based expectation for the official settings computed from the schedules alone (no run). FLOPs are
+counted from the architecture and the schedule that actually ran (:func:`mar_flops_per_image`, checked against
+``torch.utils.flop_counter`` in the tests) plus the VAE decode counted once with the flop counter::
 
-    python -m mar_disa.benchmark                                    # official settings (use a GPU)
-    python -m mar_disa.benchmark --models mar_base --ar_divisor 32 --threads 1 --warmup 0   # what fits a CPU
+    python -m mar_disa.benchmark                                    # official settings and batch sizes (a GPU)
+    python -m mar_disa.benchmark --models mar_base --ar_divisor 32 --threads 1 --warmup 0 --batch_size 1  # a CPU
+    python -m mar_disa.benchmark --models mar_base --compare precision=fp32 precision=bf16 --set sampler=DiSA
 
 ``--ar_divisor D`` divides every AR step count by D (the diffusion step counts stay): the settings are then smaller
-than the official ones, and their names say so.
+than the official ones, and their names say so. ``--compare A B`` times two ``key=value`` overrides of the base
+setting (knobs ``sampler``, ``precision``, ``attention``; ``--help`` lists them) instead of the three presets.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from disa.benchmark import Measurement, Setting, count_flops, format_table, run_settings
+from disa.benchmark import (
+    Knob,
+    Knobs,
+    MemoryProbe,
+    Setting,
+    Timing,
+    add_arguments,
+    attention_backend,
+    attention_knob,
+    compute_dtype,
+    configurations,
+    count_flops,
+    machine_line,
+    precision_knob,
+    report,
+    resolve_device,
+    time_interleaved,
+)
 from disa.evaluation import image_seed
 from disa.vae import AutoencoderKL
-from mar_disa.engine_mar import PRECISIONS, MARGenerator, autocast
-from mar_disa.main_mar import ModelConfig, SamplerConfig, build_model, int_at_least, resolve_device
+from mar_disa.engine_mar import MARGenerator, autocast
+from mar_disa.main_mar import ModelConfig, SamplerConfig, build_model, int_at_least
 from mar_disa.models.diffloss import DiffLoss
-from mar_disa.models.mar import MAR, MAR_MODELS, mask_schedule
+from mar_disa.models.mar import MAR, MAR_MODELS, SampleStats, mask_schedule
 
 __all__ = [
     "HEADS",
+    "EVAL_BSZ",
+    "KNOBS",
     "BenchSetting",
     "official_settings",
     "expected_schedule",
     "mar_flops_per_image",
+    "sampler_head",
     "use_sampler",
     "benchmark_model",
     "main",
@@ -53,18 +74,28 @@ __all__ = [
 HEADS: dict[str, tuple[int, int]] = {"mar_base": (6, 1024), "mar_large": (8, 1280), "mar_huge": (12, 1536)}
 _LABELS = {"mar_base": "MAR-B", "mar_large": "MAR-L", "mar_huge": "MAR-H"}
 CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.3}  # the DiSA README's guidance scales
+EVAL_BSZ = {"mar_base": 256, "mar_large": 256, "mar_huge": 128}  # the DiSA README's --eval_bsz
+KNOBS = Knobs((
+    Knob("sampler", "DiSA", "original = 256 AR / 100 steps, fixed = 64 AR / 50 steps, DiSA = 64 AR / 50->5 "
+         "(AR steps divided by --ar_divisor)", ("original", "fixed", "DiSA")),
+    precision_knob(),
+    attention_knob(),
+))  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BenchSetting:
     """One sampler configuration: ``num_iter`` AR steps; ``diff_sampler`` ``default`` (``upper`` steps at every AR
-    step) or ``DiSA`` (``upper`` annealed to ``lower``, linear)."""
+    step) or ``DiSA`` (``upper`` annealed to ``lower``, linear); ``precision`` (None: the benchmark's) and the
+    ``attention`` backend (:data:`disa.benchmark.ATTENTION`) it runs under."""
 
     name: str
     num_iter: int
     diff_sampler: str
     upper: int
     lower: int
+    precision: str | None = None
+    attention: str = "sdpa"
 
     def sampler(self, cfg: float) -> SamplerConfig:
         return SamplerConfig(num_iter=self.num_iter, cfg=cfg, diff_sampler=self.diff_sampler,
@@ -72,8 +103,9 @@ class BenchSetting:
 
 
 def official_settings(ar_divisor: int = 1) -> list[BenchSetting]:
-    """Original 256 AR / 100 steps, 64 AR / 50 steps fixed, 64 AR / DiSA 50 -> 5; AR steps divided by
-    ``ar_divisor`` (which must divide 64 and leave at least 2 AR steps, which DiSA's schedule needs)."""
+    """Original 256 AR / 100 steps, 64 AR / 50 steps fixed, 64 AR / DiSA 50 -> 5 (the ``sampler`` knob's values
+    ``original``, ``fixed``, ``DiSA`` in this order); AR steps divided by ``ar_divisor`` (which must divide 64 and
+    leave at least 2 AR steps, which DiSA's schedule needs)."""
     if ar_divisor < 1 or 64 % ar_divisor or 64 // ar_divisor < 2:
         raise ValueError(f"ar_divisor must divide 64 and leave >= 2 AR steps (1, 2, 4, 8, 16, 32), got {ar_divisor}")
     long, short = 256 // ar_divisor, 64 // ar_divisor
@@ -133,8 +165,8 @@ def mar_flops_per_image(model: MAR, tokens_per_step: Sequence[int], head_calls_p
     return 2.0 * macs
 
 
-def use_sampler(model: MAR, setting: BenchSetting) -> None:
-    """Give ``model`` a diffusion head that samples as ``setting`` says, sharing the current head's network (one set
+def sampler_head(model: MAR, setting: BenchSetting) -> DiffLoss:
+    """A diffusion head that samples as ``setting`` says, sharing the network of ``model``'s current head (one set
     of weights serves every setting; building MAR-H three times would triple the memory)."""
     net = model.diffloss.net
     with torch.device("meta"):  # the throw-away MLP costs nothing; the schedule tables live on the host anyway
@@ -142,12 +174,17 @@ def use_sampler(model: MAR, setting: BenchSetting) -> None:
                         depth=net.num_res_blocks, width=net.model_channels, diff_upper_steps=setting.upper,
                         diff_lower_steps=setting.lower, diff_sampler=setting.diff_sampler)  # fmt: skip
     head.net = net
-    model.diffloss = head
+    return head
+
+
+def use_sampler(model: MAR, setting: BenchSetting) -> None:
+    """Give ``model`` the head of :func:`sampler_head`."""
+    model.diffloss = sampler_head(model, setting)
 
 
 def _math_attention_flops(fn) -> float:  # type: ignore[no-untyped-def]
     # The CPU's fused attention kernel is invisible to the flop counter; the math kernel is made of countable bmm.
-    with sdpa_kernel(SDPBackend.MATH):
+    with attention_backend("math"):
         return count_flops(fn)
 
 
@@ -162,32 +199,46 @@ def benchmark_model(
     precision: str,
     warmup: int,
     repeats: int,
-) -> list[Measurement]:
-    """Time every setting on ``model`` (class-balanced labels, per-image seeds as the evaluation uses) and attach
-    the FLOPs of what ran: :func:`mar_flops_per_image` from ``model.last_sample_stats`` plus the VAE decode."""
+    memory: MemoryProbe | None = None,
+    flops: bool = True,
+) -> list[Timing]:
+    """Time ``settings`` interleaved on ``model`` (class-balanced labels, per-image seeds as the evaluation uses;
+    :func:`disa.benchmark.time_interleaved`) and attach the FLOPs of what ran: :func:`mar_flops_per_image` from the
+    setting's last ``sample_tokens`` statistics plus the VAE decode. A setting's own ``precision`` / ``attention``
+    override ``precision`` / the default attention."""
     labels = torch.arange(batch_size) % model.num_classes  # (B,)
     seeds = [image_seed(0, i, batch_size) for i in range(batch_size)]
     latent = model.img_size // model.vae_stride
     z = torch.zeros(batch_size, vae.embed_dim, latent, latent, device=device)  # (B, E, h, w)
-    with torch.no_grad(), autocast(device, precision):
-        vae_tflops = _math_attention_flops(lambda: vae.decode(z)) / batch_size / 1e12
-
-    results = []
+    vae_flops: dict[str, float] = {}
+    stats: dict[str, SampleStats] = {}
+    timed = []
     for setting in settings:
-        use_sampler(model, setting)
-        generator = MARGenerator(model, vae, num_iter=setting.num_iter, cfg=cfg, precision=precision)
+        setting_precision = setting.precision or precision
+        if flops and setting_precision not in vae_flops:
+            with torch.no_grad(), autocast(device, setting_precision):
+                vae_flops[setting_precision] = _math_attention_flops(lambda: vae.decode(z))
+        head = sampler_head(model, setting)
+        generator = MARGenerator(model, vae, num_iter=setting.num_iter, cfg=cfg, precision=setting_precision)
 
-        def generate(generator: MARGenerator = generator) -> float:
-            return float(sum(generator.generate(labels, seeds).nfe_per_ar_step))
+        def generate(generator: MARGenerator = generator, head: DiffLoss = head, setting: BenchSetting = setting) -> float:
+            model.diffloss = head  # the settings share one model; each brings its own step schedule
+            with attention_backend(setting.attention):
+                nfe = float(sum(generator.generate(labels, seeds).nfe_per_ar_step))
+            assert model.last_sample_stats is not None  # set by every sample_tokens call
+            stats[setting.name] = model.last_sample_stats
+            return nfe
 
-        (measured,) = run_settings([Setting(setting.name, generate, batch_size)], device, warmup=warmup,
-                                   repeats=repeats, flops=False)  # fmt: skip
-        stats = model.last_sample_stats
-        assert stats is not None  # set by every sample_tokens call
-        tflops = mar_flops_per_image(model, stats.tokens_per_step, stats.head_calls_per_step, stats.guided) / 1e12
-        results.append(Measurement(measured.name, measured.seconds_per_image, measured.nfe_per_image,
-                                   tflops + vae_tflops))  # fmt: skip
-    return results
+        timed.append(Setting(setting.name, generate, batch_size, compute_dtype(setting_precision, device)))
+    results = time_interleaved(timed, device, warmup=warmup, repeats=repeats, memory=memory)
+    if not flops:
+        return results
+    out = []
+    for setting, timing in zip(settings, results):
+        s = stats[setting.name]
+        per_image = mar_flops_per_image(model, s.tokens_per_step, s.head_calls_per_step, s.guided)
+        out.append(replace(timing, flops_per_batch=per_image * batch_size + vae_flops[setting.precision or precision]))
+    return out
 
 
 def expected_table(names: Sequence[str], settings: Sequence[BenchSetting]) -> str:
@@ -214,22 +265,15 @@ def expected_table(names: Sequence[str], settings: Sequence[BenchSetting]) -> st
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mar_disa.benchmark",
-        description="Time per image, NFE and FLOPs of the original MAR sampler, fixed 50 steps and DiSA 50->5 on "
-        "MAR-B/L/H (real sizes, random weights), side by side in one run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Time per image, NFE, FLOPs and memory of the original MAR sampler, fixed 50 steps and DiSA "
+        "50->5 on MAR-B/L/H (real sizes, random weights), interleaved in one run.",
     )
     p.add_argument("--models", nargs="*", choices=list(MAR_MODELS), default=list(MAR_MODELS),
                    help="sizes to time (the FLOP-based expectation is printed for all three)")
-    p.add_argument("--batch_size", type=int_at_least(1), default=1, help="images per generation call")
     p.add_argument("--ar_divisor", type=int_at_least(1), default=1,
                    help="divide every AR step count by this (CPU runs; 1 = the official settings)")
-    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls per setting before timing")
-    p.add_argument("--repeats", type=int_at_least(1), default=1, help="timed calls per setting")
-    p.add_argument("--device", default="cuda", help="cuda (CPU when no GPU is visible), cpu, mps, cuda:N")
-    p.add_argument("--precision", default="fp16", choices=list(PRECISIONS),
-                   help="fp16 = the official fp16 autocast on CUDA (fp32 elsewhere); bf16; fp32")
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random weights")
+    add_arguments(p, KNOBS, batch_size=None, batch_note="the official --eval_bsz, 256 for MAR-B/L, 128 for MAR-H")
     return p
 
 
@@ -237,32 +281,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        settings = official_settings(args.ar_divisor)
+        presets = official_settings(args.ar_divisor)
     except ValueError as err:
         parser.error(str(err))
+    by_sampler = dict(zip(KNOBS.knobs[0].choices or (), presets))
+    configs = configurations(parser, KNOBS, args, [(p.name, {"sampler": key}) for key, p in by_sampler.items()])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(resolve_device(args.device))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    precision = args.precision if device.type == "cuda" or args.precision != "fp16" else "fp32"
+    device = resolve_device(args.device)
+    settings = [replace(by_sampler[v["sampler"]], name=name, precision=v["precision"], attention=v["attention"])
+                for name, v in configs]  # fmt: skip
     reduced = "" if args.ar_divisor == 1 else f"; AR steps divided by {args.ar_divisor}"
-    print(f"device {device} ({torch.get_num_threads()} CPU threads), precision {precision}, batch {args.batch_size}, "
-          f"random weights, CFG on, warmup {args.warmup}, repeats {args.repeats}{reduced}")
+    print(f"MAR benchmark on {machine_line(device)}, random weights, CFG on, warmup {args.warmup}, "
+          f"repeats {args.repeats} (interleaved){reduced}", flush=True)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     vae = AutoencoderKL(with_encoder=False).to(device).eval()
+    memory, peaks = MemoryProbe(device), {}
     for name in args.models:
         depth, width = HEADS[name]
+        batch_size = args.batch_size or EVAL_BSZ[name]
         with device:
             model = build_model(ModelConfig(model=name, diffloss_d=depth, diffloss_w=width),
-                                settings[0].sampler(CFG[name])).eval()  # fmt: skip
+                                presets[0].sampler(CFG[name])).eval()  # fmt: skip
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"\n{_LABELS[name]} ({name}, diffusion head {depth}x{width}, {params:.0f}M parameters), cfg {CFG[name]}")
-        results = benchmark_model(model, vae, settings, cfg=CFG[name], batch_size=args.batch_size, device=device,
-                                  precision=precision, warmup=args.warmup, repeats=args.repeats)  # fmt: skip
-        print(format_table(results))
-        print("(TFLOP/img includes the VAE decode; NFE = sequential diffusion-head evaluations per image)")
+        print(f"\n{_LABELS[name]} ({name}, diffusion head {depth}x{width}, {params:.0f}M parameters), cfg {CFG[name]}, "
+              f"batch {batch_size}", flush=True)
+        results = benchmark_model(model, vae, settings, cfg=CFG[name], batch_size=batch_size, device=device,
+                                  precision="fp16", warmup=args.warmup, repeats=args.repeats, memory=memory,
+                                  flops=not args.no_flops)  # fmt: skip
+        print(report(results, device, peak=not args.no_peak, memory=memory, peak_cache=peaks))
+        print("(time and TFLOP/img include the VAE decode; NFE = sequential diffusion-head evaluations per image)",
+              flush=True)
         del model
     print("\nexpected at the official settings, from the schedules (no run; CFG on, VAE decode excluded):")
     print(expected_table(list(MAR_MODELS), official_settings(1)))

@@ -755,9 +755,9 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
     model = build_model(model_config(args), sampler_config(args)).to(ctx.device)
     config = train_config(args, ctx.world_size)
     if ctx.is_main:
-        logger.info("%s: %.2fM parameters; lr %.3g (blr %.3g x %d x %d / 256)", args.model,
-                    sum(p.numel() for p in model.parameters()) / 1e6, config.lr, args.blr, args.batch_size,
-                    ctx.world_size)  # fmt: skip
+        how = "--lr" if args.lr is not None else f"blr {args.blr:.3g} x {args.batch_size} x {ctx.world_size} / 256"
+        logger.info("%s: %.2fM parameters; lr %.3g (%s)", args.model,
+                    sum(p.numel() for p in model.parameters()) / 1e6, config.lr, how)  # fmt: skip
     optimizer = build_optimizer(model, config.lr, args.weight_decay)
     scaler = LossScaler.for_precision(ctx.device, args.precision)
     model_params = list(model.parameters())

@@ -1,14 +1,18 @@
 """Side-by-side speed of the original xAR sampler and DiSA, for the real xAR-B/L/H sizes (random weights).
 
-    python -m xar_disa.benchmark                                   # official settings, all three sizes
+    python -m xar_disa.benchmark                                   # official settings and batch size, all sizes
     python -m xar_disa.benchmark --models xar_base --original_steps 8 10 --flow_upper_steps 10 \\
-        --flow_lower_steps 3 --warmup 0                            # a CPU-sized run (5x fewer flow steps)
+        --flow_lower_steps 3 --warmup 0 --batch_size 1             # a CPU-sized run (5x fewer flow steps)
+    python -m xar_disa.benchmark --models xar_base --compare precision=fp32 precision=bf16
 
 For every model in ``--models`` it times one batch per setting (sampling + KL-16 decode, what the official
-evaluation times), with the same warm-up and device synchronisation for all (:mod:`disa.benchmark`), and prints
-seconds per image, network evaluations (NFE) per image, FLOPs per image and the speed-ups relative to the first
-row. Defaults: the README settings — xAR-B originally 40 flow steps per cell (and 50, the baseline of DiSA's
-"1.6x"), xAR-L/H 50, DiSA 50 -> 15 (50, 38, 26, 15 evaluations) — at the README's cfg.
+evaluation times), interleaved with :mod:`disa.benchmark` (warm-up untimed, device synchronised, ``--repeats``
+rounds), and prints seconds per image with its spread, images/s, network evaluations (NFE) per image, FLOPs per
+image, the fraction of the peak matmul throughput, peak memory and the paired speed-ups relative to the first row.
+Defaults: the README settings — xAR-B originally 40 flow steps per cell (and 50, the baseline of DiSA's "1.6x"),
+xAR-L/H 50, DiSA 50 -> 15 (50, 38, 26, 15 evaluations) — at the README's cfg. ``--compare A B`` times two
+``key=value`` overrides instead (knobs ``sampler`` — ``original`` is the first of ``--original_steps`` —,
+``precision``, ``attention``; ``--help`` lists them).
 
 It then prints the FLOP-based expected ratios at the official settings for xAR-B/L/H. FLOPs are counted by
 ``torch.utils.flop_counter`` on a shape-only (meta) model driven through the sampler's own call protocol
@@ -21,29 +25,46 @@ import argparse
 import os
 import sys
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from disa.benchmark import Setting, format_table, run_settings
+from disa.benchmark import (
+    Knob,
+    Knobs,
+    MemoryProbe,
+    Setting,
+    add_arguments,
+    attention_backend,
+    attention_knob,
+    compute_dtype,
+    configurations,
+    count_flops,
+    machine_line,
+    precision_knob,
+    report,
+    resolve_device,
+    time_interleaved,
+)
 from disa.vae import AutoencoderKL
-from xar_disa.engine_xar import MODELS, PRECISIONS, ModelConfig, SamplerConfig, XARGenerator
+from xar_disa.engine_xar import MODELS, ModelConfig, SamplerConfig, XARGenerator
 from xar_disa.models.sampler import CellVelocity, first_eval_path
 from xar_disa.models.xar import xAR
 
-__all__ = ["README_CFG", "README_ORIGINAL_STEPS", "sampling_flops", "decode_flops", "settings_for", "main"]
+__all__ = ["README_CFG", "README_ORIGINAL_STEPS", "EVAL_BSZ", "KNOBS", "sampling_flops", "decode_flops",
+           "settings_for", "main"]  # fmt: skip
+
+EVAL_BSZ = 256  # the DiSA README's --eval_bsz
+KNOBS = Knobs((
+    Knob("sampler", "DiSA", "original = the first of --original_steps at every cell; DiSA = --flow_upper_steps -> "
+         "--flow_lower_steps", ("original", "DiSA")),
+    precision_knob(),
+    attention_knob(),
+))  # fmt: skip
 
 # Guidance scales and original flow-step counts of the official README commands.
 README_CFG = {"xar_base": 2.7, "xar_large": 2.3, "xar_huge": 2.2}
 README_ORIGINAL_STEPS = {"xar_base": (40, 50), "xar_large": (50,), "xar_huge": (50,)}
 LATENT_SHAPE = (16, 16, 16)  # (C, h, w) of a 256 px image under the KL-16 VAE
-
-
-def _flops(fn: Callable[[], object]) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 def sampling_flops(
@@ -81,10 +102,10 @@ def sampling_flops(
             first, later, n_first = 0.0, 0.0, 0
             for i in range(plan.num_steps):
                 if first_eval_path(i, plan.num_steps, sampler.official_short_grids):
-                    first += _flops(lambda: net(rows, t))
+                    first += count_flops(lambda: net(rows, t))
                     n_first += 1
                 elif i == n_first:  # the cell's first read-only evaluation; the others repeat it
-                    later = _flops(lambda: net(rows, t))
+                    later = count_flops(lambda: net(rows, t))
             total += first + (plan.num_steps - n_first) * later
             costs.append((first, later))
     finally:
@@ -97,7 +118,7 @@ def sampling_flops(
 def decode_flops(vae: AutoencoderKL, batch_size: int) -> float:
     """FLOPs of decoding ``batch_size`` latents (any device, meta included)."""
     z = torch.zeros(batch_size, *LATENT_SHAPE, device=vae.post_quant_conv.weight.device)  # (B, C, h, w)
-    return _flops(lambda: vae.decode(z))
+    return count_flops(lambda: vae.decode(z))
 
 
 def settings_for(name: str, original_steps: Sequence[int], upper: int, lower: int,
@@ -146,7 +167,8 @@ def _load() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m xar_disa.benchmark",
-        description="Time per image, NFE and FLOPs of the original xAR sampler vs DiSA, real sizes, random weights.",
+        description="Time per image, NFE, FLOPs and memory of the original xAR sampler vs DiSA, real sizes, random "
+        "weights, interleaved in one run.",
     )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="sizes to time")
     p.add_argument("--original_steps", nargs="+", type=int, default=None,
@@ -154,25 +176,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flow_upper_steps", type=int, default=50, help="DiSA: first cell (default: 50)")
     p.add_argument("--flow_lower_steps", type=int, default=15, help="DiSA: last cell (default: 15)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the README's per size)")
-    p.add_argument("--batch_size", type=int, default=1, help="images per batch (default: 1)")
     p.add_argument("--no_vae", action="store_true", help="time sampling only (no KL-16 decode)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches per setting (default: 1)")
-    p.add_argument("--repeats", type=int, default=1, help="timed batches per setting and round (default: 1)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="time all settings this many times in turn and keep each one's fastest round (default: 1)")
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS,
-                   help="fp16 = the official autocast on CUDA (fp32 on the CPU) (default: fp16)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="weights and noise seed (default: 0)")
+    add_arguments(p, KNOBS, batch_size=EVAL_BSZ, batch_note=f"{EVAL_BSZ}, the DiSA README's --eval_bsz")
+    # Older spelling kept for the command in xAR_DiSA/README.md: a round is now one interleaved repeat.
+    p.add_argument("--rounds", dest="repeats", type=int, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.warmup < 0 or args.repeats < 1 or args.rounds < 1:
-        parser.error("need --batch_size >= 1, --warmup >= 0, --repeats >= 1 and --rounds >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.repeats < 1:
+        parser.error(f"--rounds must be >= 1, got {args.repeats}")
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         plans = {name: settings_for(name, args.original_steps or README_ORIGINAL_STEPS[name],
                                     args.flow_upper_steps, args.flow_lower_steps,
@@ -184,38 +203,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    print(f"xAR sampler benchmark on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch_size}, "
-          f"precision {args.precision}, {'sampling + KL-16 decode' if not args.no_vae else 'sampling only'}, "
-          f"random weights; {_load()}")
+    print(f"xAR sampler benchmark on {machine_line(device)}, batch {args.batch_size}, "
+          f"{'sampling + KL-16 decode' if not args.no_vae else 'sampling only'}, random weights, warmup "
+          f"{args.warmup}, repeats {args.repeats} (interleaved); {_load()}", flush=True)
     decode = 0.0 if args.no_vae else decode_flops(meta_vae, args.batch_size)
     vae = None if args.no_vae else AutoencoderKL(with_encoder=False).to(device).eval()
-    labels = torch.arange(args.batch_size) % 1000
+    labels = torch.arange(args.batch_size, device=device) % 1000
     seeds = list(range(args.batch_size))
+    memory, peaks = MemoryProbe(device), {}
     for name, rows in plans.items():
+        samplers = {"original": rows[0][1], "DiSA": rows[-1][1]}
+        presets = [(label, {"sampler": "original"}) for label, _ in rows[:-1]] + [(rows[-1][0], {"sampler": "DiSA"})]
+        configs = configurations(parser, KNOBS, args, presets)
+        chosen = [(label, dict(rows)[label] if not args.compare else samplers[v["sampler"]], v)
+                  for label, v in configs]  # fmt: skip
         torch.manual_seed(args.seed)
         model = ModelConfig(model=name).build().to(device).eval()
         settings, flops, memo = [], [], {}
-        for label, sampler in rows:
-            gen = XARGenerator(model, vae, sampler, device=device, precision=args.precision)
+        for label, sampler, values in chosen:
+            gen = XARGenerator(model, vae, sampler, device=device, precision=values["precision"])
 
-            def run(gen: XARGenerator = gen) -> float:
-                with torch.no_grad():
+            def run(gen: XARGenerator = gen, attention: str = values["attention"]) -> float:
+                with torch.no_grad(), attention_backend(attention):
                     if vae is None:
                         gen.sample_latents(labels, seeds)
                     else:
                         gen.generate(labels, seeds)
                 return float(sum(gen.nfe_per_ar_step))
 
-            settings.append(Setting(label, run, args.batch_size))
-            flops.append(sampling_flops(meta_models[name], sampler, args.batch_size, memo=memo) + decode)
-        # Rounds alternate the settings, and each keeps its fastest round: on a shared machine other jobs slow
-        # whichever setting happens to run while they do, and the minimum is the least disturbed measurement.
-        rounds = [run_settings(settings, device, warmup=args.warmup, repeats=args.repeats, flops=False)
-                  for _ in range(args.rounds)]
-        measured = [min(per_setting, key=lambda m: m.seconds_per_image) for per_setting in zip(*rounds)]
-        table = [replace(m, tflops_per_image=f / args.batch_size / 1e12) for m, f in zip(measured, flops)]
+            settings.append(Setting(label, run, args.batch_size, compute_dtype(values["precision"], device)))
+            if not args.no_flops:
+                flops.append(sampling_flops(meta_models[name], sampler, args.batch_size, memo=memo) + decode)
+        results = time_interleaved(settings, device, warmup=args.warmup, repeats=args.repeats, memory=memory)
+        if flops:
+            results = [replace(r, flops_per_batch=f) for r, f in zip(results, flops)]
         print(f"\n{name} (measured on {device}; FLOPs counted for the same settings)")
-        print(format_table(table))
+        print(report(results, device, peak=not args.no_peak, memory=memory, peak_cache=peaks), flush=True)
         del model
     print(f"timing done; {_load()}")
     print("\nFLOP-based expected ratios at the official settings (sampling + decode; last column sampling only):")
