@@ -135,7 +135,9 @@ def mar_flops_per_image(model: MAR, tokens_per_step: Sequence[int], head_calls_p
 
     Per AR step and row: ``z_proj`` on every position, the encoder blocks on ``buffer + known`` tokens
     (``12 d^2`` MACs per token and ``2 d n^2`` for attention), ``decoder_embed``, the decoder blocks on all
-    ``buffer + seq_len`` positions; per predicted token and head call, every Linear of the diffusion MLP. Norms,
+    ``buffer + seq_len`` positions; per predicted token and head call, every Linear of the diffusion MLP except
+    ``cond_embed``, which runs once per AR step when the head caches the condition (``DiffLoss.cache_condition``,
+    the default) and once per call otherwise. Norms,
     activations and embeddings lookups are not counted (as ``torch.utils.flop_counter`` does not count them).
     """
     rows = 2 if guided else 1
@@ -146,7 +148,7 @@ def mar_flops_per_image(model: MAR, tokens_per_step: Sequence[int], head_calls_p
     w, z_dim = net.model_channels, net.cond_embed.in_features
     head_macs = (
         net.time_embed.frequency_embedding_size * w + w * w  # timestep MLP
-        + z_dim * w + channels * w  # cond_embed, input_proj
+        + channels * w  # input_proj
         + net.num_res_blocks * 5 * w * w  # per ResBlock: MLP 2 w^2, AdaLN 3 w^2
         + 2 * w * w + w * net.out_channels  # final AdaLN and output
     )  # fmt: skip
@@ -160,7 +162,8 @@ def mar_flops_per_image(model: MAR, tokens_per_step: Sequence[int], head_calls_p
             + n_enc * enc_d * dec_d  # decoder_embed
             + dec_depth * (12 * dec_d**2 * n_dec + 2 * dec_d * n_dec**2)
         )
-        macs += rows * n * calls * head_macs
+        cond_evals = (1 if model.diffloss.cache_condition else calls) if calls else 0
+        macs += rows * n * (calls * head_macs + cond_evals * z_dim * w)  # cond_embed: z is fixed within a step
         known += n
     return 2.0 * macs
 

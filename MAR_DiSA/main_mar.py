@@ -79,7 +79,7 @@ from mar_disa.engine_mar import (
     train_one_epoch,
 )
 from mar_disa.models.diffloss import SAMPLERS
-from mar_disa.models.mar import _SIZES, MAR, MAR_MODELS
+from mar_disa.models.mar import _SIZES, MAR, MAR_MODELS, compile_head
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
@@ -433,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp16", choices=list(PRECISIONS),
                    help="fp16 = upstream's fp16 autocast on CUDA (fp32 elsewhere); bf16 autocast; fp32")
     g.add_argument("--no_metrics", action="store_true", help="generate only: skip FID/IS")
+    g.add_argument("--compile_head", action="store_true",
+                   help="torch.compile the diffusion head (speed only; samples equal to float rounding)")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="also replay the compiled head from CUDA graphs (CUDA only; implies --compile_head)")
     g.add_argument("--fid_stats", default="fid_stats/adm_in256_stats.npz",
                    help="FID reference statistics (mu, sigma); fetch with `python util/download.py fid-stats`")
     g.add_argument("--metrics_extractor", default=INCEPTION, choices=[INCEPTION, EFFNET_LITE0],
@@ -509,6 +513,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      f"{args.vae_embed_dim} --img_size {args.img_size} --class_num {args.class_num}")
     if args.dataset == "fashion-mnist" and "data_path" not in _explicit_options(parser, argv):
         args.data_path = None  # the Debian package's folder, or $DISA_FASHION_MNIST_DIR
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        parser.error(f"--cuda_graphs needs a CUDA --device, got --device {args.device}")
     if args.evaluate and not args.resume:
         parser.error("--evaluate needs --resume: a folder holding checkpoint-last.pth, or a .pth file "
                      "(fetch the official ones with `python util/download.py`)")
@@ -542,14 +548,19 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def load_vae_from_args(
+def load_tokenizer(
     args: argparse.Namespace, device: torch.device, *, decoder_only: bool = True
 ) -> AutoencoderKL | PixelTokenizer:
-    """The KL-16 VAE of ``--vae_path`` (``--vae_embed_dim`` channels, base width ``--vae_ch``), frozen, in eval
-    mode on ``device``; any problem with the file is a :class:`CheckpointError` naming it. With ``--tokenizer
-    pixels``: the parameter-free :class:`disa.vae.PixelTokenizer` (``--vae_path`` unused)."""
+    """What ``--tokenizer`` names: the KL-16 VAE (:func:`load_vae_from_args`) or the parameter-free
+    :class:`disa.vae.PixelTokenizer` (``--vae_path`` unused)."""
     if args.tokenizer == "pixels":
         return PixelTokenizer(args.vae_embed_dim).to(device)
+    return load_vae_from_args(args, device, decoder_only=decoder_only)
+
+
+def load_vae_from_args(args: argparse.Namespace, device: torch.device, *, decoder_only: bool = True) -> AutoencoderKL:
+    """The KL-16 VAE of ``--vae_path`` (``--vae_embed_dim`` channels, base width ``--vae_ch``), frozen, in eval
+    mode on ``device``; any problem with the file is a :class:`CheckpointError` naming it."""
     try:
         vae = load_vae(args.vae_path, decoder_only=decoder_only, embed_dim=args.vae_embed_dim, ch=args.vae_ch)
     except CheckpointError:
@@ -669,7 +680,9 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: DistributedContext) -> di
     model = build_model(model_config(args), sampler_config(args))
     load_for_generation(model, checkpoint)
     model.to(ctx.device)
-    vae = load_vae_from_args(args, ctx.device)
+    if args.compile_head or args.cuda_graphs:
+        compile_head(model, cuda_graphs=args.cuda_graphs)
+    vae = load_tokenizer(args, ctx.device)
     metrics_fn = _metrics_fn(evaluation_config(args))
     tokenizer = "pixels" if args.tokenizer == "pixels" else str(Path(args.vae_path).resolve())
     fingerprint = {"checkpoint": str(checkpoint.resolve()), "weights": "model_ema", "vae_path": tokenizer,
@@ -751,7 +764,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
             f"of --batch_size {args.batch_size}"
         )
 
-    vae = None if args.use_cached else load_vae_from_args(args, ctx.device, decoder_only=False)
+    vae = None if args.use_cached else load_tokenizer(args, ctx.device, decoder_only=False)
     model = build_model(model_config(args), sampler_config(args)).to(ctx.device)
     config = train_config(args, ctx.world_size)
     if ctx.is_main:
@@ -778,7 +791,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> None:
     log = ScalarLog(output_dir) if ctx.is_main else None
     vae_for_eval = None
     if args.online_eval:
-        vae_for_eval = vae if vae is not None else load_vae_from_args(args, ctx.device)
+        vae_for_eval = vae if vae is not None else load_tokenizer(args, ctx.device)
     started = time.time()
     try:
         for epoch in range(start_epoch, args.epochs):

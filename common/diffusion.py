@@ -105,6 +105,33 @@ def _per_row(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return table[t].view(-1, *([1] * (ndim - 1)))
 
 
+def _coef(table: torch.Tensor, t: torch.Tensor | int, ndim: int) -> torch.Tensor:
+    """``table`` at respaced index ``t``: per row for a ``(R,)`` tensor, or one shared 0-d view for an int.
+
+    The samplers run every row at the same index, so they pass an int: a 0-d view of the cached table is free (no
+    gather kernel, no host sync) and broadcasts to the same float32 values, hence bit-identical results.
+    """
+    return table[t] if isinstance(t, int) else _per_row(table, t, ndim)
+
+
+def _reverse_gaussian(tab: DiffusionTables, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor | int) -> MeanVariance:
+    """The reverse-step Gaussian from head output ``out`` (R, 2C) ``[eps, v]`` at respaced index ``t`` (see
+    :meth:`GaussianDiffusion.p_mean_variance`; ``t`` as in :func:`_coef`)."""
+    n, channels = x.dim(), x.shape[1]
+    if out.shape[0] != x.shape[0] or out.shape[1] != 2 * channels:
+        raise ValueError(
+            f"model_fn must return (R, 2C) = ({x.shape[0]}, {2 * channels}) [eps, v]; got {tuple(out.shape)}"
+        )
+    eps, v = out[:, :channels], out[:, channels:]  # (R, C) each
+    frac = (v + 1) / 2
+    max_log = _coef(tab.log_betas, t, n)
+    min_log = _coef(tab.posterior_log_variance_clipped, t, n)
+    log_variance = frac * max_log + (1 - frac) * min_log
+    pred_xstart = _coef(tab.sqrt_recip_alphas_cumprod, t, n) * x - _coef(tab.sqrt_recipm1_alphas_cumprod, t, n) * eps
+    mean = _coef(tab.posterior_mean_coef1, t, n) * pred_xstart + _coef(tab.posterior_mean_coef2, t, n) * x
+    return MeanVariance(mean, torch.exp(log_variance), log_variance, pred_xstart)
+
+
 class GaussianDiffusion:
     """A discrete Gaussian diffusion that keeps a subset of the base schedule's timesteps ("respacing").
 
@@ -214,20 +241,8 @@ class GaussianDiffusion:
         (learned range); ``x0 = sqrt(1/abar) x - sqrt(1/abar - 1) eps`` (no clamp: latents are unbounded);
         ``mean = coef1 * x0 + coef2 * x``.
         """
-        tab, n, channels = self.tables(x.device), x.dim(), x.shape[1]
-        out = model_fn(x, tab.timestep_map[t])  # (R, 2C); the head sees the original timestep
-        if out.shape[0] != x.shape[0] or out.shape[1] != 2 * channels:
-            raise ValueError(
-                f"model_fn must return (R, 2C) = ({x.shape[0]}, {2 * channels}) [eps, v]; got {tuple(out.shape)}"
-            )
-        eps, v = out[:, :channels], out[:, channels:]  # (R, C) each
-        frac = (v + 1) / 2
-        max_log = _per_row(tab.log_betas, t, n)
-        min_log = _per_row(tab.posterior_log_variance_clipped, t, n)
-        log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = _per_row(tab.sqrt_recip_alphas_cumprod, t, n) * x - _per_row(tab.sqrt_recipm1_alphas_cumprod, t, n) * eps
-        mean = _per_row(tab.posterior_mean_coef1, t, n) * pred_xstart + _per_row(tab.posterior_mean_coef2, t, n) * x
-        return MeanVariance(mean, torch.exp(log_variance), log_variance, pred_xstart)
+        tab = self.tables(x.device)
+        return _reverse_gaussian(tab, model_fn(x, tab.timestep_map[t]), x, t)
 
     def p_sample(
         self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *, temperature: float = 1.0
@@ -329,8 +344,8 @@ def ddpm_sample(
     _check_temperature(temperature)
     tab = diffusion.tables(x.device)
     for i, j in enumerate(range(diffusion.num_timesteps - 1, -1, -1)):
-        t = torch.full((x.shape[0],), j, dtype=torch.int64, device=x.device)  # (R,) respaced index
-        out = diffusion.p_mean_variance(model_fn, x, t)
+        t_model = tab.timestep_map[j].expand(x.shape[0])  # (R,) original timestep, a view: no kernel, no sync
+        out = _reverse_gaussian(tab, model_fn(x, t_model), x, j)
         if j > 0:
             step_noise = noise(x.shape, dtype=x.dtype, device=x.device)  # (R, C)
             x = out.mean + torch.exp(0.5 * out.log_variance) * step_noise * temperature
@@ -365,11 +380,10 @@ def ddim_sample(
         raise ValueError("ddim_sample with eta > 0 needs a noise source (noise=...)")
     tab, n = diffusion.tables(x.device), x.dim()
     for i, j in enumerate(range(diffusion.num_timesteps - 1, -1, -1)):
-        t = torch.full((x.shape[0],), j, dtype=torch.int64, device=x.device)  # (R,)
-        out = diffusion.p_mean_variance(model_fn, x, t)
+        out = _reverse_gaussian(tab, model_fn(x, tab.timestep_map[j].expand(x.shape[0])), x, j)
         x0 = out.pred_xstart
-        eps = (_per_row(tab.sqrt_recip_alphas_cumprod, t, n) * x - x0) / _per_row(tab.sqrt_recipm1_alphas_cumprod, t, n)
-        abar, abar_prev = _per_row(tab.alphas_cumprod, t, n), _per_row(tab.alphas_cumprod_prev, t, n)
+        eps = (_coef(tab.sqrt_recip_alphas_cumprod, j, n) * x - x0) / _coef(tab.sqrt_recipm1_alphas_cumprod, j, n)
+        abar, abar_prev = _coef(tab.alphas_cumprod, j, n), _coef(tab.alphas_cumprod_prev, j, n)
         if eta > 0 and j > 0:
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
             x = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
@@ -420,6 +434,7 @@ class VPSchedule:
         self._log_alpha = log_alpha.to(torch.float32)  # (N,)
         self._t = torch.linspace(0.0, self.t_max, self.total_n + 1, dtype=torch.float32, device="cpu")[1:]  # (N,)
         self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {self._t.device: (self._t, self._log_alpha)}
+        self._grids: dict[tuple[int, float, float, torch.device], tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def disa(cls) -> "VPSchedule":
@@ -437,6 +452,17 @@ class VPSchedule:
             self._cache[t.device] = (self._t.to(t.device), self._log_alpha.to(t.device))
         grid, values = self._cache[t.device]
         return _interp(t.reshape(-1), grid, values).reshape(t.shape)
+
+    def uniform_grid(
+        self, steps: int, t_start: float, t_end: float, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, log alpha, alpha, sigma, lambda)`` on ``linspace(t_start, t_end, steps + 1)`` (float32, on
+        ``device``), computed once per setting and cached: MAR asks for the same few grids at every AR step."""
+        key = (steps, float(t_start), float(t_end), torch.device(device))
+        if key not in self._grids:
+            grid = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float32, device=device)  # (S+1,)
+            self._grids[key] = (grid, *self.alpha_sigma_lambda(grid))
+        return self._grids[key]
 
     def alpha_sigma_lambda(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log alpha_t, alpha_t, sigma_t, lambda_t)``."""
@@ -492,8 +518,7 @@ def dpm_solver_sample(
         raise ValueError(f"need 0 < t_end < t_start, got t_start={t_start}, t_end={t_end}")
 
     rows, data_pred = x.shape[0], algorithm == "dpmsolver++"
-    grid = torch.linspace(t_start, t_end, steps + 1, dtype=torch.float32, device=x.device)  # (S+1,)
-    log_alpha, alpha, sigma, lam = schedule.alpha_sigma_lambda(grid)  # (S+1,) each
+    grid, log_alpha, alpha, sigma, lam = schedule.uniform_grid(steps, t_start, t_end, x.device)  # (S+1,) each
 
     def evaluate(x: torch.Tensor, i: int) -> torch.Tensor:
         eps = model_fn(x, grid[i].expand(rows) * time_scale)  # (R, C)

@@ -75,8 +75,12 @@ def _check_state(x: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-def _check_grid(grid: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The grid as float64 on ``device``; it must be 1-D, finite, within [0, 1] and strictly decreasing."""
+def _check_grid(grid: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, list[float]]:
+    """The grid as float64 on ``device`` and as host floats; it must be 1-D, within [0, 1], strictly decreasing.
+
+    The values are read before the grid moves to ``device``: for the usual CPU grid (``disa.schedules``) that is a
+    host-only read; a grid already on an accelerator costs one synchronisation per sampler call, never per step.
+    """
     if not isinstance(grid, torch.Tensor) or not grid.dtype.is_floating_point:
         raise TypeError(
             "grid must be a 1-D floating tensor of time points (see disa.schedules.flowar_time_grid / xar_time_grid), "
@@ -84,14 +88,13 @@ def _check_grid(grid: torch.Tensor, device: torch.device) -> torch.Tensor:
         )
     if grid.dim() != 1 or grid.numel() == 0:
         raise ValueError(f"grid must be a non-empty 1-D tensor, got shape {tuple(grid.shape)}")
-    grid = grid.to(device=device, dtype=torch.float64)  # float32 -> float64 is exact
-    # One host sync per sampler call (not per step): a malformed grid would otherwise fail silently.
-    values = grid.tolist()
+    values = grid.to(torch.float64).tolist()  # float32 -> float64 is exact
+    grid = grid.to(device=device, dtype=torch.float64)
     if not all(0.0 <= t <= 1.0 for t in values):  # also rejects NaN
         raise ValueError(f"grid time points must lie in [0, 1] (t = 1 noise, t = 0 data), got {values}")
     if any(b >= a for a, b in zip(values, values[1:])):
         raise ValueError(f"grid must be strictly decreasing (sampling runs from t = 1 to t = 0), got {values}")
-    return grid
+    return grid, values
 
 
 def _velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
@@ -124,13 +127,14 @@ def euler_sample(
     the 0-d float64 step and a float32 velocity to float32.
     """
     x = _check_state(x, model_dtype)  # (R, ...) float64
-    grid = _check_grid(grid, x.device)
+    grid, _ = _check_grid(grid, x.device)
+    dts = grid[1:] - grid[:-1]  # (S,) step sizes, once per call (elementwise: the same values as per step)
     for i in range(grid.numel() - 1):
         t, t_next = grid[i], grid[i + 1]  # 0-d float64
         v = _velocity(model_fn, x, t, model_dtype).to(torch.float64)  # (R, ...)
         if callback is not None:
             callback({"i": i, "x": x, "t": t, "t_next": t_next, "v": v})
-        x = x + (t_next - t) * v
+        x = x + dts[i] * v
     return x
 
 
@@ -150,14 +154,15 @@ def heun_sample(
     :func:`euler_sample`; all arithmetic is float64.
     """
     x = _check_state(x, model_dtype)  # (R, ...) float64
-    grid = _check_grid(grid, x.device)
+    grid, _ = _check_grid(grid, x.device)
     num_steps = grid.numel() - 1
+    dts = grid[1:] - grid[:-1]  # (S,)
     for i in range(num_steps):
         t, t_next = grid[i], grid[i + 1]
         v = _velocity(model_fn, x, t, model_dtype).to(torch.float64)
         if callback is not None:
             callback({"i": i, "x": x, "t": t, "t_next": t_next, "v": v})
-        dt = t_next - t
+        dt = dts[i]
         x_euler = x + dt * v
         if i == num_steps - 1:
             x = x_euler
@@ -192,21 +197,24 @@ def euler_maruyama_sample(
     guidance (see the module docstring; float32 guidance is off by ~5e-7 on the golden trace).
     """
     x = _check_state(x, model_dtype)  # (R, ...) float64
-    grid = _check_grid(grid, x.device)
+    grid, values = _check_grid(grid, x.device)
     num_steps = grid.numel() - 1
     # The grid is strictly decreasing in [0, 1], so only its last point can be 0.
-    num_stochastic = num_steps - 1 if float(grid[-1]) == 0.0 else num_steps
+    num_stochastic = num_steps - 1 if values[-1] == 0.0 else num_steps
+    # Per-step coefficients for all steps at once (elementwise, so the same float64 values as step by step).
+    dts = grid[1:] - grid[:-1]  # (S,) < 0
+    drift_scales = 2 - grid[:-1]  # (S,)
+    noise_scales = torch.sqrt(2 * grid[:-1]) * torch.sqrt(dts.abs())  # (S,)
     for i in range(num_steps):
         t, t_next = grid[i], grid[i + 1]
         v = _velocity(model_fn, x, t, model_dtype).to(torch.float64)  # (R, ...)
         if callback is not None:
             callback({"i": i, "x": x, "t": t, "t_next": t_next, "v": v})
-        dt = t_next - t  # < 0
-        drift = (2 - t) * v + x
-        x = x + drift * dt
+        drift = drift_scales[i] * v + x
+        x = x + drift * dts[i]
         if i < num_stochastic:
             xi = noise(x.shape, dtype=torch.float64, device=x.device)
             if xi.shape != x.shape:
                 raise ValueError(f"noise source returned shape {tuple(xi.shape)} for a state of shape {tuple(x.shape)}")
-            x = x + torch.sqrt(2 * t) * torch.sqrt(dt.abs()) * xi
+            x = x + noise_scales[i] * xi
     return x

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "interval_velocity_cfg",
     "doubled_velocity_cfg",
     "mar_cfg_scale",
+    "mar_cfg_is_guided",
     "ramp_cfg_scale",
 ]
 
@@ -71,7 +73,7 @@ def eps_cfg(net: ModelFn, cfg_scale: float | torch.Tensor, *, eps_channels: int)
 
 
 def interval_velocity_cfg(
-    net: ModelFn, cfg_scale: float, *, interval: tuple[float, float] = (0.0, 1.0)
+    net: ModelFn, cfg_scale: float, *, interval: tuple[float, float] = (0.0, 1.0), branch_on_host: bool = False
 ) -> ModelFn:
     """FlowAR's guidance over a ``2B``-row state ``[cond; uncond]``, active for ``low <= t <= high``.
 
@@ -80,20 +82,39 @@ def interval_velocity_cfg(
     own trajectory (FlowAR's behaviour: that half is discarded at the end or overwritten once guidance starts).
     ``t`` is the float64 grid point (0-d tensor); the interval test uses it in float64, as the official code does.
     Returns float64 velocities.
+
+    The interval test runs on ``t``'s device and selects with ``torch.where`` (one network call either way, whose
+    input rows are exactly those of the branching rule), so the sampling loop never waits for the device.
+    ``branch_on_host=True`` is the reference form: it reads ``t`` back (``float(t)``, one host sync per step) and
+    branches in Python; the results are identical.
     """
     check_cfg(cfg_scale)
     low, high = interval
     if not 0.0 <= low <= high:
         raise ValueError(f"guidance interval must satisfy 0 <= low <= high, got ({low}, {high})")
 
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not (cfg_scale > 1.0 and low <= float(t) <= high):
-            return net(x, t).double()
+    def halves(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % 2:
+            raise ValueError(f"interval CFG needs an even number of rows [cond; uncond], got {x.shape[0]}")
         half = x[: x.shape[0] // 2]
+        return torch.cat([half, half])  # the conditional half, fed against both conditions
+
+    def guide_doubled(out: torch.Tensor) -> torch.Tensor:
         # FlowAR guides in float64 (the sampler's state dtype), after casting the network's float32 output.
-        cond_v, uncond_v = net(torch.cat([half, half]), t).double().chunk(2)
+        cond_v, uncond_v = out.double().chunk(2)
         v = _guide(cond_v, uncond_v, cfg_scale)
         return torch.cat([v, v])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not cfg_scale > 1.0:
+            return net(x, t).double()
+        if branch_on_host:
+            if not low <= float(t) <= high:
+                return net(x, t).double()
+            return guide_doubled(net(halves(x), t))
+        active = (t >= low) & (t <= high)  # 0-d bool on t's device, float64 comparison
+        out = net(torch.where(active, halves(x), x), t)  # (2B, ...)
+        return torch.where(active, guide_doubled(out), out.double())
 
     return guided
 
@@ -127,6 +148,25 @@ def mar_cfg_scale(cfg: float, schedule: str, mask_len_after: torch.Tensor, seq_l
     if schedule == "constant":
         return torch.full((1,), cfg, dtype=torch.float32, device=mask_len_after.device)
     raise ValueError(f"unknown cfg schedule {schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}")
+
+
+def mar_cfg_is_guided(cfg: float, schedule: str, masked_after: int, seq_len: int) -> bool:
+    """Whether :func:`mar_cfg_scale` differs from 1 at this step, decided on the host (no device read).
+
+    The official head tests ``cfg_iter == 1.0`` on the device tensor, a host synchronisation per AR step. The same
+    float32 arithmetic is done here in numpy. On CUDA torch divides by the scalar ``seq_len`` through its reciprocal,
+    so the device value may differ from this one by one ulp: the decisions can differ only when ``cfg`` lies within
+    about ``1e-7 * seq_len`` of 1, where guiding or not changes nothing measurable.
+    """
+    check_cfg(cfg)
+    one, f32 = np.float32(1.0), np.float32
+    if schedule == "linear":
+        value = one + f32(cfg - 1) * (f32(seq_len) - f32(masked_after)) / f32(seq_len)
+    elif schedule == "constant":
+        value = f32(cfg)
+    else:
+        raise ValueError(f"unknown cfg schedule {schedule!r}; allowed: {', '.join(CFG_SCHEDULES)}")
+    return bool(value != one)
 
 
 def ramp_cfg_scale(cfg: float, index: int, num: int) -> float:

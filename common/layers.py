@@ -7,7 +7,9 @@ Module and parameter names follow the official checkpoints, so models built from
 * :class:`RMSNorm` — computed in float32 (FlowAR, xAR); ``affine=False`` has no state-dict keys;
 * :func:`geglu_mlp`, :func:`mlp_hidden_features` — timm's ``SwiGLU`` built with exact GELU (``fc1_g``, ``fc1_x``,
   ``fc2``), the MLP of the FlowAR/xAR AdaLN blocks;
-* :func:`modulate`, :func:`maybe_checkpoint` — AdaLN modulation and optional activation checkpointing.
+* :func:`modulate`, :func:`maybe_checkpoint` — AdaLN modulation and optional activation checkpointing;
+* :func:`compile_forward`, :func:`uncompile_forward` — opt-in ``torch.compile`` (optionally with CUDA graphs) of
+  one module's forward in place, for the per-token heads that run thousands of small sequential calls.
 """
 from __future__ import annotations
 
@@ -19,7 +21,16 @@ import torch.nn as nn
 from timm.layers import SwiGLU
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["modulate", "maybe_checkpoint", "TimestepEmbedder", "RMSNorm", "mlp_hidden_features", "geglu_mlp"]
+__all__ = [
+    "modulate",
+    "maybe_checkpoint",
+    "compile_forward",
+    "uncompile_forward",
+    "TimestepEmbedder",
+    "RMSNorm",
+    "mlp_hidden_features",
+    "geglu_mlp",
+]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -34,6 +45,47 @@ def maybe_checkpoint(enabled: bool, module: nn.Module, *args: Any) -> torch.Tens
     return module(*args)
 
 
+def compile_forward(
+    module: nn.Module, *, mode: str | None = None, dynamic: bool | None = None, cuda_graphs: bool = False
+) -> nn.Module:
+    """Replace ``module.forward`` by a ``torch.compile``-d version, in place; returns ``module``.
+
+    The parameters, buffers and ``state_dict`` keys are untouched (``torch.compile(module)`` would wrap them in
+    ``_orig_mod.``), so checkpoints load as before; :func:`uncompile_forward` restores the eager forward. Results
+    equal the eager ones to floating-point rounding (fused kernels may reorder operations; see
+    ``tests/test_fast_paths.py`` for the measured difference). ``mode`` / ``dynamic``: as ``torch.compile``.
+
+    ``cuda_graphs=True`` (CUDA only): ``mode="reduce-overhead"``, which replays the head's kernels from CUDA graphs
+    (one graph per input shape: MAR's row count changes with the AR step, so the first batch records a few of
+    them). Every call starts a new graph step and returns a copy, because a replay overwrites the previous output.
+    """
+    if cuda_graphs:
+        devices = {p.device.type for p in module.parameters()}
+        if devices != {"cuda"}:
+            raise ValueError(f"cuda_graphs=True needs the module on a CUDA device, its parameters are on {devices}")
+        if mode not in (None, "reduce-overhead"):
+            raise ValueError(f"cuda_graphs=True uses mode='reduce-overhead', got mode={mode!r}")
+        mode = "reduce-overhead"
+    uncompile_forward(module)
+    compiled = torch.compile(module.forward, mode=mode, dynamic=dynamic)
+    if cuda_graphs:
+
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args, **kwargs).clone()
+
+        module.forward = forward  # type: ignore[method-assign]
+    else:
+        module.forward = compiled  # type: ignore[method-assign]
+    return module
+
+
+def uncompile_forward(module: nn.Module) -> nn.Module:
+    """Undo :func:`compile_forward` (no-op for a module that was not compiled); returns ``module``."""
+    module.__dict__.pop("forward", None)
+    return module
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of a scalar time per row (cosine half first), then Linear-SiLU-Linear."""
 
@@ -43,12 +95,25 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
+        # Sinusoid frequencies per device, computed there once (on the device itself, so the values are those the
+        # per-call computation gives on it) instead of four small kernels in every head evaluation.
+        self._freqs: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """``[cos(t f), sin(t f)]`` with ``f_i = max_period^(-i / (dim/2))``; ``t`` (R,) int or float -> (R, dim)."""
+    def frequencies(dim: int, device: torch.device | str | None = None, max_period: float = 10000.0) -> torch.Tensor:
+        """``f_i = max_period^(-i / (dim/2))``, float32 ``(dim // 2,)``."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+    @staticmethod
+    def timestep_embedding(
+        t: torch.Tensor, dim: int, max_period: float = 10000.0, *, freqs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[cos(t f), sin(t f)]`` with ``f_i = max_period^(-i / (dim/2))``; ``t`` (R,) int or float -> (R, dim).
+
+        ``freqs``: precomputed :meth:`frequencies` (same values; saves recomputing them)."""
+        if freqs is None:
+            freqs = TimestepEmbedder.frequencies(dim, t.device, max_period)
         args = t[:, None].float() * freqs[None]  # (R, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (R, 2 half)
         if dim % 2:
@@ -56,8 +121,19 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (R, 256)
+        freq = self.timestep_embedding(t, self.frequency_embedding_size, freqs=self._cached_frequencies(t.device))
         return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (R, W)
+
+    def _cached_frequencies(self, device: torch.device) -> torch.Tensor | None:
+        """The cached :meth:`frequencies` for ``device``; None under ``torch.compile``, which traces (and folds)
+        them instead: the cache's bookkeeping would break the graph."""
+        if torch.compiler.is_compiling():
+            return None
+        freqs = self._freqs.get(device)
+        if freqs is None:
+            with torch.inference_mode(False):  # a plain tensor, usable later outside inference mode too
+                freqs = self._freqs[device] = self.frequencies(self.frequency_embedding_size, device)
+        return freqs
 
 
 class RMSNorm(nn.Module):

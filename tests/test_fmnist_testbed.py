@@ -11,6 +11,7 @@ import pytest
 import torch
 from disa.fashion_mnist import FashionMNIST, load_fashion_mnist, to_rgb
 from disa.features import EFFNET_LITE0
+from disa.schedules import respaced_timesteps
 from disa.metrics import (
     MetricsConfig,
     TensorImages,
@@ -153,11 +154,12 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
                          "50", "--reference_images", "40", "--cache_dir", str(tmp_path / "cache"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "original" in printed and "DiSA" in printed and "speed-up over the original sampler" in printed
+    assert "fixed" in printed and "DiSA" in printed and "speed-up over 6 fixed steps" in printed
     results = json.loads((out / "results.json").read_text())
-    original, disa = results["rows"]
-    assert original["nfe_per_image"] == 4 * 6 and original["steps_per_token"] == 6
-    assert disa["nfe_per_ar_step"][0] > disa["nfe_per_ar_step"][-1] and disa["nfe_per_image"] < 24
+    original, fixed, disa = results["rows"]
+    assert original["nfe_per_image"] == 4 * 6 and original["steps_per_token"] == 6  # no clip: 6 steps run 6
+    assert len(set(fixed["nfe_per_ar_step"])) == 1 and fixed["nfe_per_image"] <= 24  # the 950 clip may drop one
+    assert disa["nfe_per_ar_step"][0] == fixed["nfe_per_ar_step"][0] > disa["nfe_per_ar_step"][-1]
     for row in results["rows"]:
         assert np.isfinite(row["metrics"]["FD_EffNet-Lite0"]) and 0 <= row["metrics"]["recall_EffNet-Lite0"] <= 1
         assert Path(row["grid"]).is_file()
@@ -173,17 +175,18 @@ def test_ablation_settings_and_a_short_run(tmp_path: Path, capsys: pytest.Captur
     settings = ablation["all_settings"](16, 50)
     labels = [s.label for s in settings]
     for expected in ("DiSA linear:50->1", "DiSA linear:50->10", "DiSA linear:25->5", "DiSA cosine:50->5",
-                     "DiSA two-stage:50->5", "DiSA constant:50->5", "original:50", "original:5"):
+                     "DiSA two-stage:50->5", "DiSA constant:50->5", "fixed:50", "fixed:5", "original:50"):
         assert expected in labels
-    matched = ablation["matched_original"](settings[0], 16)  # linear 50->5 over 16 AR steps: 427 calls -> 27/step
-    assert matched.upper == 27
+    matched = ablation["matched_fixed"](settings[0], 16)  # linear 50->5 over 16 AR steps: 427 calls, 26.7 per step
+    runs = len(respaced_timesteps(str(matched.upper), clip=950))
+    assert matched.sampler == "fixed" and abs(runs - 427 / 16) <= 0.5
     code = ablation["main"](["--num_images", "20", "--num_iter", "4", "--reference_images", "30", "--cache_dir",
-                             str(tmp_path / "cache"), "--out", str(tmp_path / "abl"), "--only", "original:5",
+                             str(tmp_path / "cache"), "--out", str(tmp_path / "abl"), "--only", "fixed:5",
                              "DiSA constant:50->5"])  # fmt: skip
     assert code == 0
     rows = json.loads((tmp_path / "abl" / "results.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["real (held-out test images)", "DiSA constant:50->5", "original:5"]
-    assert rows[1]["nfe_per_image"] == rows[2]["nfe_per_image"] == 20  # 5 steps at each of 4 AR steps
+    assert [r["label"] for r in rows] == ["real (held-out test images)", "DiSA constant:50->5", "fixed:5"]
+    assert rows[1]["nfe_per_image"] == rows[2]["nfe_per_image"]  # the same sampler, clip and 5 steps
     assert (tmp_path / "abl" / "table.md").read_text().count("\n") == 5
     with pytest.raises(SystemExit):
         ablation["main"](["--only", "nonsense"])

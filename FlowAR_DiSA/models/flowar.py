@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from disa.guidance import check_cfg, ramp_cfg_scale
+from disa.layers import compile_forward, uncompile_forward
 from disa.noise import NoiseSource, TorchNoise
 from disa.schedules import step_schedule
 
@@ -47,6 +48,7 @@ from .sampler import euler_sampler, num_evaluations
 
 __all__ = [
     "INFERENCE_UPSAMPLE_SIDE",
+    "compile_head",
     "FlowARConfig",
     "ARCache",
     "FlowAR",
@@ -500,6 +502,8 @@ class FlowAR(nn.Module):
         noise: NoiseSource | None = None,
         official_grid: bool = True,
         heun: bool = False,
+        cache_condition: bool = True,
+        sync_free_guidance: bool = True,
     ) -> torch.Tensor:
         """Generate latents (B, C, h, w) (float32, to be divided by 0.2325 for the VAE) for ``labels`` (B,).
 
@@ -509,6 +513,8 @@ class FlowAR(nn.Module):
         the initial noise of each scale, one ``(R, n^2, C)`` draw per scale in that order (default: torch's global
         CPU generator, as the official code); ``PerImageNoise(seeds)`` makes image b depend on ``seeds[b]`` only.
         ``official_grid=False``: uniform time grids with exactly N steps. ``heun=True``: Heun's method (not official).
+        ``cache_condition`` / ``sync_free_guidance``: speed-only switches of :func:`~.sampler.euler_sampler` (the
+        same samples either way; ``False`` runs the reference paths, for before/after comparisons).
         """
         guidance = float(guidance)
         if not guidance >= 0.0:
@@ -548,8 +554,30 @@ class FlowAR(nn.Module):
                 guidance_low=0.0,
                 guidance_high=guidance,
                 official_grid=official_grid,
+                cache_condition=cache_condition,
+                sync_free_guidance=sync_free_guidance,
             )  # (R, n^2, C) float64
         return unpatchify(sample[:batch].to(torch.float32))  # (B, C, h, w)
+
+
+def compile_head(
+    model: FlowAR, *, enabled: bool = True, mode: str | None = None, cuda_graphs: bool = False, dynamic: bool = False
+) -> FlowAR:
+    """Opt-in: ``torch.compile`` the per-token flow head in place (``model.flownet``, called for every flow
+    step); returns ``model``.
+
+    Speed only: the ``state_dict`` is unchanged and results equal the eager ones to floating-point rounding (the
+    compiled kernels may fuse and reorder operations; measured in ``tests/test_fast_paths.py``).
+    ``cuda_graphs=True`` (CUDA only) also replays the head from CUDA graphs (:func:`disa.layers.compile_forward`).
+    ``enabled=False`` restores the eager forward (the reference path for side-by-side comparisons).
+    ``dynamic=False`` (default here): one static graph per scale, since the head derives its RoPE grid from the
+    token count (a symbolic count would break the graph) and there are only a few scales.
+    """
+    if enabled:
+        compile_forward(model.flownet, mode=mode, cuda_graphs=cuda_graphs, dynamic=dynamic)
+    else:
+        uncompile_forward(model.flownet)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------

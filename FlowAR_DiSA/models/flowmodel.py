@@ -14,6 +14,8 @@ the released checkpoints:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,7 +35,9 @@ from .layers import (
     modulate,
 )
 
-__all__ = ["FLOW_HEAD_DIM", "FlowBlockV1", "FlowBlockV2", "FinalLayer", "SimpleTransformerAdaLN"]
+__all__ = ["FLOW_HEAD_DIM", "FlowCondition", "FlowBlockV1", "FlowBlockV2", "FinalLayer", "SimpleTransformerAdaLN"]
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 FLOW_HEAD_DIM = 64  # the flow head uses width // 64 heads
 
@@ -44,8 +48,8 @@ class FlowBlockV1(AdaLNBlock):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int) -> None:
         super().__init__(dim, num_heads, mlp_hidden, qkv_bias=False, ada_lin_sequential=False)
 
-    def forward(  # type: ignore[override]  (the flow-block interface: z is unused by v1)
-        self, h: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, z: torch.Tensor
+    def forward(  # type: ignore[override]  (the flow-block interface: z and kv are unused by v1)
+        self, h: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, z: torch.Tensor, kv: KeysValues | None = None
     ) -> torch.Tensor:
         """h (R, N, W); tau (R, 1, W); c (R, N, W) -> (R, N, W)."""
         return super().forward(h, tau + c)
@@ -74,13 +78,34 @@ class FlowBlockV2(nn.Module):
         self.ada_lin_attn = nn.Linear(dim, 3 * dim)
         self.ada_lin_mlp = nn.Linear(dim, 3 * dim)
 
-    def forward(self, h: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """h (R, N, W); tau (R, 1, W); c (R, N, W); z (R, N, D) -> (R, N, W)."""
+    def cross_keys_values(self, z: torch.Tensor) -> KeysValues:
+        """The cross-attention's rotated keys and values for the AR output ``z`` (R, N, D)."""
+        return self.crossattn.keys_values(self.norm2_2(z))
+
+    def forward(
+        self, h: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, z: torch.Tensor, kv: KeysValues | None = None
+    ) -> torch.Tensor:
+        """h (R, N, W); tau (R, 1, W); c (R, N, W); z (R, N, D) -> (R, N, W). ``kv``: :meth:`cross_keys_values`
+        of ``z``, when precomputed."""
         g1, s1, b1 = self.ada_lin_attn(F.silu(tau)).chunk(3, dim=-1)  # (R, 1, W) each
         g2, s2, b2 = self.ada_lin_mlp(F.silu(c + tau)).chunk(3, dim=-1)  # (R, N, W) each
         h = h + g1 * self.attn(modulate(self.norm1(h), b1, s1))
-        h = h + self.crossattn(self.norm2_1(h), self.norm2_2(z))
+        h = h + self.crossattn(self.norm2_1(h), None if kv is not None else self.norm2_2(z), kv=kv)
         return h + g2 * self.mlp(modulate(self.norm3(h), b2, s2))
+
+
+@dataclass(frozen=True)
+class FlowCondition:
+    """What the flow head derives from the AR output ``z`` alone, computed once per flow solve.
+
+    ``z`` is fixed while a scale's tokens are integrated, so ``c = cond_embed(z)`` (R, N, W) and the v2 blocks'
+    cross-attention keys/values (``kv[i]``, (R, H, N, hd) each; None for v1 blocks) are the same at every step.
+    Passing them to :meth:`SimpleTransformerAdaLN.forward` gives bit-identical velocities with less work.
+    """
+
+    z: torch.Tensor
+    c: torch.Tensor
+    kv: tuple[KeysValues | None, ...]
 
 
 class FinalLayer(nn.Module):
@@ -138,20 +163,31 @@ class SimpleTransformerAdaLN(nn.Module):
         )
         self.final_layer = FinalLayer(model_channels, out_channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def prepare_condition(self, z: torch.Tensor) -> FlowCondition:
+        """Everything the velocity depends on through ``z`` (R, N, D) only; see :class:`FlowCondition`."""
+        kv = tuple(block.cross_keys_values(z) if isinstance(block, FlowBlockV2) else None for block in self.res_blocks)
+        return FlowCondition(z, self.cond_embed(z), kv)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, *, condition: FlowCondition | None = None
+    ) -> torch.Tensor:
         """x (R, N, C) noisy tokens; t (R,) times in [0, 1] (t = 1 is noise); z (R, N, D) AR output -> (R, N, C).
 
         The time embedding gets ``floor(1000 t)`` computed in float32, as the official head does with the float32
         times its sampler passes (computing it in float64 moves the index on many grid points).
+        ``condition``: :meth:`prepare_condition` of this ``z``, to skip recomputing it at every flow step.
         """
+        if condition is not None and condition.z is not z:
+            raise ValueError("condition was prepared for another z (call prepare_condition(z) for this one)")
         if x.dim() != 3 or z.dim() != 3 or x.shape[:2] != z.shape[:2] or t.shape != x.shape[:1]:
             raise ValueError(
                 f"flow head expects x (R, N, C), t (R,), z (R, N, D); got x {tuple(x.shape)}, t {tuple(t.shape)}, "
                 f"z {tuple(z.shape)}"
             )
         tau = self.time_embed(flow_t_index(t)).unsqueeze(1)  # (R, 1, W)
-        c = self.cond_embed(z)  # (R, N, W)
+        c = self.cond_embed(z) if condition is None else condition.c  # (R, N, W)
+        kvs = (None,) * len(self.res_blocks) if condition is None else condition.kv
         h = self.input_proj(x)  # (R, N, W)
-        for block in self.res_blocks:
-            h = maybe_checkpoint(self.use_checkpoint, block, h, tau, c, z)
+        for block, kv in zip(self.res_blocks, kvs):
+            h = maybe_checkpoint(self.use_checkpoint, block, h, tau, c, z, kv)
         return self.final_layer(h, c + tau)  # (R, N, C)

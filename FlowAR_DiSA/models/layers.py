@@ -113,17 +113,25 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = GridRotaryEmbedding(self.head_dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (R, N, C), cond (R, N, C_cond) -> (R, N, C)."""
+    def keys_values(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values ``(R, H, N, hd)`` of the condition ``(R, N, C_cond)``; they depend on the
+        condition only, so a flow solve computes them once and passes them to every step (``kv=``)."""
+        rows, n, _ = cond.shape
+        k, v = self.kv(cond).view(rows, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (R, H, N, hd)
+        return self.rope(k), v
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor | None, *, kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x (R, N, C), cond (R, N, C_cond) -> (R, N, C); or ``kv`` from :meth:`keys_values` in place of ``cond``."""
         rows, n, dim = x.shape
-        if cond.shape[:2] != (rows, n):
+        k, v = self.keys_values(cond) if kv is None else kv  # (R, H, N, hd) each
+        if k.shape[0] != rows or k.shape[2] != n:
             raise ValueError(
                 f"cross-attention needs one condition token per query token, got x {tuple(x.shape)} and "
-                f"cond {tuple(cond.shape)}"
+                f"{k.shape[2]} condition tokens for {k.shape[0]} rows"
             )
-        q = self.q(x).view(rows, n, self.num_heads, self.head_dim).transpose(1, 2)  # (R, H, N, hd)
-        k, v = self.kv(cond).view(rows, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (R, H, N, hd)
-        q, k = self.rope(q), self.rope(k)
+        q = self.rope(self.q(x).view(rows, n, self.num_heads, self.head_dim).transpose(1, 2))  # (R, H, N, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (R, H, N, hd)
         return self.proj(out.transpose(1, 2).reshape(rows, n, dim))
 

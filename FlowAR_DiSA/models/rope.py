@@ -35,6 +35,11 @@ class GridRotaryEmbedding(nn.Module):
         self.theta = theta
         self.pt_seq_len = pt_seq_len
         self.register_buffer("freqs", self.base_frequencies(head_dim, theta))
+        # (cos, sin) per (sides, device), built once instead of at every call: FlowAR's flow head rotates the same
+        # grid in every block at every flow step. Keyed by the buffer's identity and version, so loading weights
+        # or moving the module rebuilds them. ``cache_tables = False`` recomputes them per call (reference path).
+        self.cache_tables = True
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def base_frequencies(
@@ -55,6 +60,25 @@ class GridRotaryEmbedding(nn.Module):
         grid = grid.reshape(side * side, self.head_dim)
         return grid.cos(), grid.sin()
 
+    def grid_tables(self, sides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``(N, head_dim)`` for consecutive square grids of the given sides (cached, see __init__)."""
+        if not self.cache_tables or torch.compiler.is_compiling():
+            # Under torch.compile the tables are traced (and fused) instead: the cache's bookkeeping would break
+            # the graph.
+            return self._concat_tables(sides)
+        key = (sides, self.freqs.device, self.freqs.data_ptr(), self.freqs._version)
+        cached = self._tables.get(key)
+        if cached is None:
+            with torch.inference_mode(False):  # plain tensors: the cache may serve a later training pass
+                cached = self._concat_tables(sides)
+            self._tables = {k: v for k, v in self._tables.items() if k[1:] == key[1:]}  # drop stale entries
+            self._tables[key] = cached
+        return cached
+
+    def _concat_tables(self, sides: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = [self.tables(s) for s in sides]
+        return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
+
     def forward(self, x: torch.Tensor, sides: Sequence[int] | None = None) -> torch.Tensor:
         """Rotate ``x`` (..., N, head_dim).
 
@@ -70,9 +94,7 @@ class GridRotaryEmbedding(nn.Module):
             sides = (side,)
         if sum(s * s for s in sides) != n_tokens:
             raise ValueError(f"RoPE grid sides {list(sides)} cover {sum(s * s for s in sides)} tokens, got {n_tokens}")
-        tables = [self.tables(s) for s in sides]
-        cos = torch.cat([c for c, _ in tables])  # (N, head_dim)
-        sin = torch.cat([s for _, s in tables])
+        cos, sin = self.grid_tables(tuple(sides))  # (N, head_dim) each
         pairs = x.unflatten(-1, (-1, 2))  # (..., N, head_dim/2, 2)
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
         return (x * cos + rotated * sin).to(x.dtype)

@@ -22,11 +22,18 @@ __all__ = ["FlowNet", "velocity_fn", "euler_sampler", "num_evaluations"]
 FlowNet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def velocity_fn(net: FlowNet, y: torch.Tensor) -> ModelFn:
-    """``(x, t) -> net(x, t as float32 per row, y)``: the official sampler's view of a conditioned flow network."""
+def velocity_fn(net: FlowNet, y: torch.Tensor, *, cache_condition: bool = True) -> ModelFn:
+    """``(x, t) -> net(x, t as float32 per row, y)``: the official sampler's view of a conditioned flow network.
+
+    ``cache_condition``: when ``net`` has ``prepare_condition`` (:class:`~.flowmodel.SimpleTransformerAdaLN`), what
+    depends on ``y`` alone is computed here once and reused at every step (bit-identical); ``False`` recomputes it
+    at every evaluation (the official behaviour, kept as the reference for comparisons).
+    """
+    prepare = getattr(net, "prepare_condition", None) if cache_condition else None
+    kwargs = {} if prepare is None else {"condition": prepare(y)}
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return net(x, t.to(torch.float32).expand(x.shape[0]), y)  # t: 0-d float64 grid point -> (R,) float32
+        return net(x, t.to(torch.float32).expand(x.shape[0]), y, **kwargs)  # t: 0-d float64 -> (R,) float32
 
     return fn
 
@@ -43,6 +50,8 @@ def euler_sampler(
     *,
     official_grid: bool = True,
     callback: Callback | None = None,
+    cache_condition: bool = True,
+    sync_free_guidance: bool = True,
 ) -> torch.Tensor:
     """Integrate ``latents`` (R, N, C) from t = 1 to 0 with ``model(x, t, y)``; returns the float64 sample.
 
@@ -56,9 +65,14 @@ def euler_sampler(
     ``heun``: the official sampler accepts this flag and ignores it (its correction is commented out); here
     ``heun=True`` runs Heun's method (:func:`disa.flow.heun_sample`, ``2 * steps - 1`` evaluations) — an option,
     not the official behaviour.
+    ``cache_condition`` (see :func:`velocity_fn`) and ``sync_free_guidance`` (the guidance-interval test on the
+    device, :func:`disa.guidance.interval_velocity_cfg`) change the speed only; ``False`` gives the reference paths.
     """
     grid = flowar_time_grid(num_steps, official=official_grid)
-    model_fn = interval_velocity_cfg(velocity_fn(model, y), cfg_scale, interval=(guidance_low, guidance_high))
+    model_fn = interval_velocity_cfg(
+        velocity_fn(model, y, cache_condition=cache_condition), cfg_scale, interval=(guidance_low, guidance_high),
+        branch_on_host=not sync_free_guidance,
+    )
     integrate = heun_sample if heun else euler_sample
     return integrate(model_fn, latents, grid, callback=callback)
 

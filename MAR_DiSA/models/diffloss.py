@@ -99,9 +99,13 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, *, c_embedded: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (R, C) noisy tokens, t (R,) timesteps, c (R, Z) conditions -> (R, 2C). ``c_embedded``: ``cond_embed(c)``
+        (R, W) when precomputed (the sampler computes it once per token instead of once per diffusion step)."""
         h = self.input_proj(x)  # (R, W)
-        y = self.time_embed(t) + self.cond_embed(c)  # (R, W)
+        y = self.time_embed(t) + (self.cond_embed(c) if c_embedded is None else c_embedded)  # (R, W)
         for block in self.res_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, h, y, use_reentrant=False)
@@ -188,6 +192,7 @@ class DiffLoss(nn.Module):
         self.disa_clip = disa_clip
         self.ddim_clip = ddim_clip
         self.dpm_cfg = dpm_cfg
+        self.cache_condition = True  # speed only (see sample); False = the reference path, for comparisons
         self.net = SimpleMLPAdaLN(
             in_channels=target_channels,
             model_channels=width,
@@ -248,16 +253,21 @@ class DiffLoss(nn.Module):
         ar_num_iter: int = 1,
         noise: NoiseSource | None = None,
         callback: Callback | None = None,
+        *,
+        guided: bool | None = None,
     ) -> torch.Tensor:
         """Sample one token per row of ``z`` (R, Z); under CFG (``cfg != 1``) rows are ``[cond; uncond]``.
 
         Returns (R, C). The starting noise is drawn for R rows, or for R/2 rows and stacked twice under CFG (both
         halves start from the same point); per-step noise is drawn for all R rows. ``noise`` defaults to the
-        global torch RNG.
+        global torch RNG. ``guided``: whether ``cfg != 1``, when the caller knows it without reading a device
+        tensor (:func:`disa.guidance.mar_cfg_is_guided`); ``None`` reads ``cfg`` (a host sync for a device tensor).
+        The head's condition embedding ``cond_embed(z)`` is computed once here and reused by every diffusion step
+        (bit-identical; :attr:`cache_condition` ``= False`` recomputes it per step, the reference path).
         """
         noise = TorchNoise() if noise is None else noise
         rows, channels = z.shape[0], self.in_channels
-        guided = _is_guided(cfg)
+        guided = _is_guided(cfg) if guided is None else guided
         if guided:
             if rows % 2:
                 raise ValueError(f"CFG sampling needs an even number of rows [cond; uncond], got {rows}")
@@ -266,8 +276,10 @@ class DiffLoss(nn.Module):
         else:
             x = noise((rows, channels), dtype=torch.float32, device=z.device)  # (R, C)
 
+        c_embedded = self.net.cond_embed(z) if self.cache_condition else None  # (R, W): z is fixed for all steps
+
         def net_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.net(x, t, z)  # (R, 2C)
+            return self.net(x, t, z, c_embedded=c_embedded)  # (R, 2C)
 
         model_fn = eps_cfg(net_fn, cfg, eps_channels=channels) if guided else net_fn
         steps = self.steps_for(step, ar_num_iter)

@@ -40,7 +40,8 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from disa.guidance import CFG_SCHEDULES, check_cfg, mar_cfg_scale
+from disa.guidance import CFG_SCHEDULES, check_cfg, mar_cfg_is_guided, mar_cfg_scale
+from disa.layers import compile_forward, uncompile_forward
 from disa.noise import NoiseSource, TorchNoise
 from disa.schedules import DDIM_CLIP, DISA_CLIP
 
@@ -57,6 +58,7 @@ __all__ = [
     "mar_large",
     "mar_huge",
     "MAR_MODELS",
+    "compile_head",
 ]
 
 NormLayer = Callable[..., nn.Module]
@@ -329,6 +331,12 @@ class MAR(nn.Module):
             )
         return keep
 
+    def _visible_index(self, mask: torch.Tensor, visible: int) -> torch.Tensor:
+        """``(B, visible)`` int64: the buffer rows and known tokens of each row (indices into ``Bf + N``, ascending),
+        i.e. what indexing with :meth:`_visible` selects, found without reading a count back from the device."""
+        masked = torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)  # (B, Bf + N), 1 = hidden
+        return torch.argsort(masked, dim=1, stable=True)[:, :visible]
+
     def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -344,12 +352,15 @@ class MAR(nn.Module):
         class_embedding: torch.Tensor,
         *,
         pos_embed: torch.Tensor | None = None,
+        visible: int | None = None,
     ) -> torch.Tensor:
         """Tokens ``(B, N, C)``, mask ``(B, N)`` (1 = unknown; their values are ignored), class embedding ``(B, D)``
         -> ``(B, Bf + N_visible, D)``: ``Bf`` rows holding the class embedding, then the known tokens.
 
         ``pos_embed`` ``(1, Bf + N, D)`` replaces ``encoder_pos_embed_learned`` (Harmon passes it resized to a
-        token grid other than the native one)."""
+        token grid other than the native one). ``visible``: ``Bf + N_visible`` when the caller knows it (the
+        sampler does): the rows are then gathered without the validity check and the boolean indexing, which both
+        wait for the device; the caller vouches that every row of ``mask`` hides the same number of tokens."""
         x = self.z_proj(x)  # (B, N, D); masked positions are projected too, then dropped
         bsz = x.shape[0]
         if self.training:
@@ -361,8 +372,11 @@ class MAR(nn.Module):
         x = torch.cat([buffer, x], dim=1)  # (B, Bf + N, D)
         pos_embed = self.encoder_pos_embed_learned if pos_embed is None else pos_embed
         x = self.z_proj_ln(x + pos_embed)  # the LayerNorm also sees the buffer rows
-        keep = self._visible(mask)
-        x = x[keep].reshape(bsz, -1, x.shape[-1])  # (B, Bf + N_visible, D), row-major order of `keep`
+        if visible is None:
+            x = x[self._visible(mask)].reshape(bsz, -1, x.shape[-1])  # (B, Bf + N_visible, D), row-major order
+        else:
+            index = self._visible_index(mask, visible)[..., None].expand(-1, -1, x.shape[-1])  # (B, V, D)
+            x = x.gather(1, index)  # (B, Bf + N_visible, D), the same rows in the same order
         return self.encoder_norm(self._blocks(self.encoder_blocks, x))
 
     def forward_mae_decoder(
@@ -372,21 +386,29 @@ class MAR(nn.Module):
         *,
         pos_embed: torch.Tensor | None = None,
         diffusion_pos_embed: torch.Tensor | None = None,
+        visible: int | None = None,
     ) -> torch.Tensor:
         """Encoder output ``(B, Bf + N_visible, D)`` and mask ``(B, N)`` -> per-position conditions ``z (B, N, D)``.
 
         ``pos_embed`` ``(1, Bf + N, D)`` and ``diffusion_pos_embed`` ``(1, N, D)`` replace the learned ones (Harmon
-        passes them resized to its token grid)."""
+        passes them resized to its token grid). ``visible``: as in :meth:`forward_mae_encoder` (scatter instead of
+        boolean indexing, no check against the mask)."""
         x = self.decoder_embed(x)  # (B, V, D)
-        keep = self._visible(mask)  # (B, Bf + N)
-        bsz, visible, dim = x.shape
-        if keep.shape[0] != bsz or int(keep[0].sum()) != visible:
-            raise ValueError(
-                f"encoder output has {bsz} rows of {visible} visible tokens, the mask gives {keep.shape[0]} rows of "
-                f"{int(keep[0].sum())} (buffer incl.)"
-            )
-        padded = self.mask_token.to(x.dtype).repeat(bsz, keep.shape[1], 1)  # (B, Bf + N, D)
-        padded[keep] = x.reshape(-1, dim)  # back to their positions, row-major as the encoder gathered them
+        bsz, num_visible, dim = x.shape
+        padded = self.mask_token.to(x.dtype).repeat(bsz, self.buffer_size + mask.shape[1], 1)  # (B, Bf + N, D)
+        if visible is None:
+            keep = self._visible(mask)  # (B, Bf + N)
+            if keep.shape[0] != bsz or int(keep[0].sum()) != num_visible:
+                raise ValueError(
+                    f"encoder output has {bsz} rows of {num_visible} visible tokens, the mask gives {keep.shape[0]} "
+                    f"rows of {int(keep[0].sum())} (buffer incl.)"
+                )
+            padded[keep] = x.reshape(-1, dim)  # back to their positions, row-major as the encoder gathered them
+        else:
+            if visible != num_visible:
+                raise ValueError(f"encoder output has {num_visible} visible tokens per row, visible={visible}")
+            index = self._visible_index(mask, visible)[..., None].expand(-1, -1, dim)  # (B, V, D)
+            padded = padded.scatter(1, index, x)
         pos_embed = self.decoder_pos_embed_learned if pos_embed is None else pos_embed
         diffusion_pos_embed = self.diffusion_pos_embed_learned if diffusion_pos_embed is None else diffusion_pos_embed
         x = self.decoder_norm(self._blocks(self.decoder_blocks, padded + pos_embed))
@@ -458,25 +480,30 @@ class MAR(nn.Module):
         head_calls = [0]
         hook = self.diffloss.net.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
         tokens_per_step, calls_per_step = [], []
+        masked_before = seq_len  # known on the host: the sampler never reads a count back from the device
         try:
             for st in tqdm(mask_steps(orders, num_iter), total=num_iter, disable=not progress):
                 state, mask = tokens.repeat(halves, 1, 1), st.mask.repeat(halves, 1)  # (H B, N, C), (H B, N)
-                encoded = self.forward_mae_encoder(state, mask, class_embedding)  # (H B, Bf + known, D)
-                z = self.forward_mae_decoder(encoded, mask)  # (H B, N, D)
+                visible = self.buffer_size + seq_len - masked_before
+                encoded = self.forward_mae_encoder(state, mask, class_embedding, visible=visible)  # (H B, V, D)
+                z = self.forward_mae_decoder(encoded, mask, visible=visible)  # (H B, N, D)
                 n = st.positions.shape[1]
                 calls_before = head_calls[0]
                 if n > 0:  # n = 0 only when num_iter > seq_len (the clamp then stalls some steps)
-                    m_after = torch.tensor([float(st.masked_after)], device=device)  # (1,) float32, as upstream
+                    # (1,) float32 as upstream; filled on the device (torch.tensor(list, device) would copy and sync).
+                    m_after = torch.full((1,), float(st.masked_after), device=device)
                     cfg_iter = mar_cfg_scale(cfg, cfg_schedule, m_after, seq_len)  # (1,)
                     rows = _token_major_rows(z, st.positions, halves)  # (H n B, D)
                     sampled = self.diffloss.sample(
-                        rows, temperature, cfg_iter, step=st.step, ar_num_iter=num_iter, noise=noise
+                        rows, temperature, cfg_iter, step=st.step, ar_num_iter=num_iter, noise=noise,
+                        guided=mar_cfg_is_guided(cfg, cfg_schedule, st.masked_after, seq_len),
                     )  # (H n B, C)
                     sampled = sampled[: n * bsz].reshape(n, bsz, channels).transpose(0, 1)  # (B, n, C), cond half
                     index = st.positions[..., None].expand(-1, -1, channels)  # (B, n, C)
                     tokens = tokens.scatter(1, index, sampled.to(tokens.dtype))
                 tokens_per_step.append(n)
                 calls_per_step.append(head_calls[0] - calls_before)
+                masked_before = st.masked_after
         finally:
             hook.remove()
         self.last_sample_stats = SampleStats(tuple(tokens_per_step), tuple(calls_per_step), guided)
@@ -521,6 +548,26 @@ class MAR(nn.Module):
         if not torch.equal(orders.sort(dim=1).values, torch.arange(self.seq_len, device=orders.device).expand(bsz, -1)):
             raise ValueError(f"every row of orders must be a permutation of 0..{self.seq_len - 1}")
         return orders
+
+
+def compile_head(
+    model: MAR, *, enabled: bool = True, mode: str | None = None, cuda_graphs: bool = False, dynamic: bool | None = None
+) -> MAR:
+    """Opt-in: ``torch.compile`` the per-token diffusion head in place (``model.diffloss.net``, called for every
+    diffusion step); returns ``model``.
+
+    Speed only: the ``state_dict`` is unchanged and results equal the eager ones to floating-point rounding (the
+    compiled kernels may fuse and reorder operations; measured in ``tests/test_fast_paths.py``).
+    ``cuda_graphs=True`` (CUDA only) also replays the head from CUDA graphs (:func:`disa.layers.compile_forward`).
+    ``enabled=False`` restores the eager forward (the reference path for side-by-side comparisons).
+    ``dynamic``: as ``torch.compile`` (default: a static graph first, one dynamic graph once the row count changes,
+    which it does at every AR step).
+    """
+    if enabled:
+        compile_forward(model.diffloss.net, mode=mode, cuda_graphs=cuda_graphs, dynamic=dynamic)
+    else:
+        uncompile_forward(model.diffloss.net)
+    return model
 
 
 def _token_major_rows(z: torch.Tensor, positions: torch.Tensor, halves: int) -> torch.Tensor:

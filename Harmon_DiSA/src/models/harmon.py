@@ -48,14 +48,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from disa.guidance import CFG_SCHEDULES, check_cfg, mar_cfg_scale
+from disa.guidance import CFG_SCHEDULES, check_cfg, mar_cfg_is_guided, mar_cfg_scale
 from disa.noise import NoiseSource, TorchNoise
 from disa.vae import AutoencoderKL
 from mar_disa.models.mar import MAR, SampleStats, _token_major_rows, mask_steps
+from mar_disa.models.mar import compile_head as compile_mar_head
 
 from .prompts import DEFAULT_CFG_PROMPT, QWEN_CHAT_TEMPLATE, PromptTokenizer, tokenize_rows
 
-__all__ = ["Harmon", "resize_pos_embed", "to_uint8", "make_grid", "StepCallback"]
+__all__ = ["Harmon", "compile_head", "resize_pos_embed", "to_uint8", "make_grid", "StepCallback"]
 
 # callback(record) once per AR step; see Harmon.sample for the keys.
 StepCallback = Callable[[dict[str, Any]], None]
@@ -219,19 +220,21 @@ class Harmon(nn.Module):
             past_key_values.crop(-extra)
 
     def extract_visual_feature(
-        self, x: torch.Tensor, mask: torch.Tensor
+        self, x: torch.Tensor, mask: torch.Tensor, *, visible: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MAR encoder on tokens ``x`` (R, m, n, C) with ``mask`` (R, m n) (1 = unknown).
 
         Returns ``x_enc`` (R, nb + V, E) — buffer rows (all ``fake_latent``) first, then the V known tokens in raster
         order — and ``z_enc = proj_in(x_enc)`` (R, V + nb, H) with the buffer rows moved **last**: in the LLM's causal
-        attention the buffer then sees every known token.
+        attention the buffer then sees every known token. ``visible``: ``nb + V`` when known (see
+        :meth:`MAR.forward_mae_encoder`: no device read).
         """
         rows, m, n, _ = x.shape
         nb = self.mar.buffer_size
         class_embedding = self.mar.fake_latent.expand(rows, -1)  # (R, E): text enters through the LLM only
         x_enc = self.mar.forward_mae_encoder(
-            x.reshape(rows, m * n, -1), mask, class_embedding, pos_embed=self.get_encoder_pos_embed(m, n)
+            x.reshape(rows, m * n, -1), mask, class_embedding, pos_embed=self.get_encoder_pos_embed(m, n),
+            visible=visible,
         )  # (R, nb + V, E)
         z_enc = self.proj_in(x_enc)  # (R, nb + V, H)
         return x_enc, torch.cat([z_enc[:, nb:], z_enc[:, :nb]], dim=1)
@@ -257,24 +260,34 @@ class Harmon(nn.Module):
         return out.last_hidden_state[:, -length:]  # (R, l, H)
 
     def forward_mae_encoder(
-        self, x: torch.Tensor, mask: torch.Tensor, *, past_key_values: Any, attention_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        past_key_values: Any,
+        attention_mask: torch.Tensor,
+        visible: int | None = None,
     ) -> torch.Tensor:
         """MAR encoder plus the LLM residual: tokens (R, m, n, C), mask (R, m n) -> ``x_enc + proj_out(h)``
         (R, nb + V, E).
 
-        ``past_key_values`` holds the prompt (left at the prompt length on return), ``attention_mask`` its (R, L) mask.
+        ``past_key_values`` holds the prompt (left at the prompt length on return), ``attention_mask`` its (R, L) mask;
+        ``visible`` as in :meth:`extract_visual_feature`.
         """
         nb = self.mar.buffer_size
-        x_enc, z_enc = self.extract_visual_feature(x, mask)
+        x_enc, z_enc = self.extract_visual_feature(x, mask, visible=visible)
         h = self.llm_image_pass(z_enc, past_key_values, attention_mask)  # (R, V + nb, H), buffer last
         h = torch.cat([h[:, -nb:], h[:, :-nb]], dim=1)  # buffer first again
         return x_enc + self.proj_out(h)
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
+    def forward_mae_decoder(
+        self, x: torch.Tensor, mask: torch.Tensor, image_shape: tuple[int, int], *, visible: int | None = None
+    ) -> torch.Tensor:
         """MAR decoder on ``x`` (R, nb + V, E) for an ``m x n`` grid -> conditions ``z`` (R, m n, D)."""
         m, n = image_shape
         return self.mar.forward_mae_decoder(
-            x, mask, pos_embed=self.get_decoder_pos_embed(m, n), diffusion_pos_embed=self.get_diffusion_pos_embed(m, n)
+            x, mask, pos_embed=self.get_decoder_pos_embed(m, n), diffusion_pos_embed=self.get_diffusion_pos_embed(m, n),
+            visible=visible,
         )
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -341,23 +354,28 @@ class Harmon(nn.Module):
         head_calls = [0]
         hook = self.mar.diffloss.net.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
         tokens_per_step, calls_per_step = [], []
+        masked_before = seq_len  # known on the host: no count is read back from the device
         try:
             for st in tqdm(mask_steps(orders, num_iter), total=num_iter, disable=not progress_bar):
                 state, mask = tokens.repeat(halves, 1, 1), st.mask.repeat(halves, 1)  # (R, N, C), (R, N)
+                visible = self.mar.buffer_size + seq_len - masked_before
                 x_enc = self.forward_mae_encoder(
-                    state.reshape(rows, m, n, channels), mask, past_key_values=cache, attention_mask=attention_mask
+                    state.reshape(rows, m, n, channels), mask, past_key_values=cache, attention_mask=attention_mask,
+                    visible=visible,
                 )  # (R, nb + V, E)
-                z = self.forward_mae_decoder(x_enc, mask, image_shape)  # (R, N, D)
+                z = self.forward_mae_decoder(x_enc, mask, image_shape, visible=visible)  # (R, N, D)
                 count = st.positions.shape[1]
                 calls_before = head_calls[0]
                 record: dict[str, Any] = {}
                 if count > 0:  # 0 only when num_iter > N (the reveal schedule then stalls some steps)
-                    m_after = torch.tensor([float(st.masked_after)], device=device)  # (1,) float32, as upstream
+                    # (1,) float32 as upstream, filled on the device (no host-to-device copy and sync).
+                    m_after = torch.full((1,), float(st.masked_after), device=device)
                     cfg_iter = mar_cfg_scale(cfg, cfg_schedule, m_after, seq_len)  # (1,)
                     z_rows = _token_major_rows(z, st.positions, halves)  # (H n B, D)
                     with head_precision:
                         sampled = self.mar.diffloss.sample(
-                            z_rows, temperature, cfg_iter, step=st.step, ar_num_iter=num_iter, noise=noise
+                            z_rows, temperature, cfg_iter, step=st.step, ar_num_iter=num_iter, noise=noise,
+                            guided=mar_cfg_is_guided(cfg, cfg_schedule, st.masked_after, seq_len),
                         )  # (H n B, C)
                     picked = sampled[: count * bsz].reshape(count, bsz, channels).transpose(0, 1)  # (B, n, C)
                     index = st.positions[..., None].expand(-1, -1, channels)  # (B, n, C)
@@ -365,6 +383,7 @@ class Harmon(nn.Module):
                     record = dict(z_rows=z_rows, cfg=cfg_iter, sampled=sampled)
                 tokens_per_step.append(count)
                 calls_per_step.append(head_calls[0] - calls_before)
+                masked_before = st.masked_after
                 if callback is not None:
                     callback(dict(record, step=st.step, mask=mask, tokens_in=state, x_enc=x_enc, z=z,
                                   positions=st.positions, tokens_after=tokens.repeat(halves, 1, 1),
@@ -435,6 +454,16 @@ class Harmon(nn.Module):
         if not torch.equal(orders.sort(dim=1).values, torch.arange(seq_len, device=orders.device).expand(bsz, -1)):
             raise ValueError(f"every row of orders must be a permutation of 0..{seq_len - 1}")
         return orders.to(self.device)
+
+
+def compile_head(
+    model: Harmon, *, enabled: bool = True, mode: str | None = None, cuda_graphs: bool = False,
+    dynamic: bool | None = None,
+) -> Harmon:
+    """Opt-in ``torch.compile`` of Harmon's per-token diffusion head (MAR's, ``model.mar.diffloss.net``); see
+    :func:`mar_disa.models.mar.compile_head`. For the LLM, flash-attn is the config's ``attn_implementation``."""
+    compile_mar_head(model.mar, enabled=enabled, mode=mode, cuda_graphs=cuda_graphs, dynamic=dynamic)
+    return model
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
