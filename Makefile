@@ -1,10 +1,10 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+# Entry points (see README): `make demo`, `make test`, `make evidence`, `make ablation`. All create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test
+.PHONY: setup data demo evidence ablation test
 
 setup: $(VENV)/.installed data
 
@@ -24,6 +24,13 @@ data:
 
 demo: setup
 	$(PY) scripts/demo.py $(ARGS)
+
+# The paper's three observations and the step/strategy ablation, on the shipped Fashion-MNIST MAR (README).
+evidence: setup
+	$(PY) scripts/fmnist_evidence.py $(ARGS)
+
+ablation: setup
+	$(PY) scripts/fmnist_ablation.py $(ARGS)
 
 # pytest exits 5 when it collects nothing: that must fail loudly, not pass as "no failures".
 test: setup
