@@ -61,6 +61,8 @@ KNOBS = Knobs((
          ("original", "DiSA")),
     precision_knob(),
     attention_knob(),
+    Knob("fast", "on", "on = condition cached per scale and guidance decided on the device; off = recomputed at every "
+         "flow step and decided on the host, as upstream (same samples)", ("on", "off")),
 ))  # fmt: skip
 
 
@@ -106,7 +108,7 @@ def settings_for(spec: SizeSpec, num_scales: int, batch_size: int, device: torch
     settings, notes, counters = [], [], []
     for name, values in configs:
         generator = FlowARGenerator(model, vae, samplers[values["sampler"]], device=device,
-                                    precision=values["precision"])
+                                    precision=values["precision"], fast_paths=values["fast"] == "on")
 
         def generate(generator: FlowARGenerator = generator, attention: str = values["attention"]) -> float:
             with torch.no_grad(), attention_backend(attention):

@@ -242,6 +242,8 @@ class FlowARGenerator:
     ``(2B, n^2, 16)`` tensor per scale from the CPU generator seeded ``seed + rank`` instead.
     ``precision``: ``fp16`` = the official ``torch.cuda.amp.autocast()`` (fp16 on CUDA; fp32 elsewhere), ``bf16``
     (any device), ``fp32``. The sampler state stays float64 in every case, as upstream.
+    ``fast_paths=False`` recomputes the flow head's condition at every flow step and decides the guidance interval
+    on the host, as upstream does (the same samples, bit for bit; the reference for before/after benchmarks).
     """
 
     def __init__(
@@ -252,11 +254,12 @@ class FlowARGenerator:
         *,
         device: torch.device | str,
         precision: str = "fp16",
+        fast_paths: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
         self.model, self.vae, self.sampler = model, vae, sampler
-        self.device, self.precision = torch.device(device), precision
+        self.device, self.precision, self.fast_paths = torch.device(device), precision, fast_paths
         self.nfe_per_ar_step = tuple(model.nfe_per_ar_step(**sampler.sample_kwargs()))
 
     def sample_latents(self, labels: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -266,6 +269,7 @@ class FlowARGenerator:
             return self.model.sample_tokens(
                 s.flow_upper_steps, s.flow_lower_steps, s.guidance, s.cfg, labels.to(self.device),
                 num_steps=s.num_step, noise=PerImageNoise(seeds), official_grid=s.official_grid, heun=s.heun,
+                cache_condition=self.fast_paths, sync_free_guidance=self.fast_paths,
             )
 
     def generate(self, conditions: torch.Tensor, seeds: Sequence[int]) -> GeneratedBatch:
