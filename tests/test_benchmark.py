@@ -311,7 +311,7 @@ def test_harmon_cli_runs_presets(monkeypatch: pytest.MonkeyPatch, capsys: pytest
 @pytest.mark.parametrize(("argv", "code", "message"), [
     (["nope"], 2, "usage: benchmark.py {mar,flowar,xar,harmon}"),
     ([], 2, "got nothing"),
-    (["flowar", "--compare", "sampler=DiSA", "fast=1"], 2, "unknown override key 'fast'; allowed keys:"),
+    (["flowar", "--compare", "sampler=DiSA", "turbo=1"], 2, "unknown override key 'turbo'; allowed keys:"),
 ])  # fmt: skip
 def test_dispatcher_rejects_bad_input(argv: list[str], code: int, message: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *argv], capture_output=True,
