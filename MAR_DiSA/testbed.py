@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from disa.checkpoints import CheckpointError, load_checkpoint
 from disa.distributed import synchronize
-from disa.evaluation import ClassBalancedLabels, image_seed
+from disa.evaluation import ClassBalancedLabels, atomic_path, image_seed
 from disa.fashion_mnist import CLASSES, load_fashion_mnist, to_rgb
 from disa.features import EFFNET_LITE0
 from disa.metrics import (
@@ -71,12 +71,11 @@ def export_checkpoint(training_checkpoint: str | os.PathLike[str], out: str | os
     state = load_checkpoint(training_checkpoint, key="model_ema")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".tmp")
     payload = {"model_ema": {k: v.detach().clone().contiguous() for k, v in state.items()},
                "model_config": {f.name: getattr(model, f.name) for f in fields(ModelConfig)},
                "recipe": dict(recipe)}  # fmt: skip
-    torch.save(payload, partial)
-    partial.replace(out)  # never a half-written checkpoint at the final path
+    with atomic_path(out) as partial:
+        torch.save(payload, partial)
     return out
 
 
@@ -194,9 +193,8 @@ def reference_features(cache_dir: str | os.PathLike[str] | None = None, *, num_i
                 num_images, path)
     feats = extract_features(TensorImages(to_rgb(images[:num_images])), _extractor_config(device), "fid")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(feats, partial)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        torch.save(feats, partial)
     return feats
 
 

@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_utils
 
 __all__ = [
+    "atomic_path",
     "EvalConfig",
     "GeneratedBatch",
     "ImageGenerator",
@@ -248,8 +249,9 @@ def shard_batches(ids: Sequence[int], batch_size: int, world_size: int, rank: in
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` when the block succeeds, remove it if not."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` when the block succeeds, remove it if not
+    (so ``path`` never holds a half-written file). Used for PNGs, manifests, results and checkpoints alike."""
     tmp = path.with_name(path.name + _TMP_SUFFIX)
     try:
         yield tmp
@@ -262,7 +264,7 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
     """Write an ``(H, W, 3)`` uint8 RGB image atomically (temporary file + rename)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {tuple(image.shape)}")
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")  # (H, W, 3) uint8 -> mode RGB
 
 
@@ -396,7 +398,7 @@ def _prepare_folder(cfg: EvalConfig, fingerprint: dict[str, Any]) -> list[int]:
                 + "\nUse another folder for these settings (nothing was overwritten)."
             )
     else:
-        with _atomic_path(manifest) as tmp:
+        with atomic_path(manifest) as tmp:
             tmp.write_text(_to_json(fingerprint))
     return sorted(existing)
 
@@ -535,7 +537,7 @@ def _write_npz(cfg: EvalConfig) -> Path:
             )
         arr[i] = pixels
     path = cfg.sample_dir.parent / f"{cfg.sample_dir.name}.npz"
-    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=arr)  # a file object: np.savez would append ".npz" to a path that lacks it
     return path
 
@@ -653,5 +655,5 @@ def run_evaluation(
 
 
 def _write_results(path: Path, results: Mapping[str, Any]) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(_to_json(results) + "\n")

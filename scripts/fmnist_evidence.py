@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from disa.checkpoints import CheckpointError
 from disa.diffusion import GaussianDiffusion, ModelFn, ddim_sample
+from disa.evaluation import atomic_path
 from disa.fashion_mnist import FashionMNIST
 from disa.noise import TorchNoise
 from disa.schedules import DDIM_CLIP, DISA_CLIP
@@ -452,17 +453,6 @@ def run_evidence(cfg: EvidenceConfig) -> dict[str, Any]:
 # ---- outputs -------------------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` and rename onto ``path``: never a half-written file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot_evidence(results: dict[str, Any], path: Path) -> Path:
     """The three panels (a) variance, (b) chord/arc straightness, (c) MLP 1 - R^2, against the AR step."""
     k = np.asarray(results["ar_step"])
@@ -496,7 +486,9 @@ def plot_evidence(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"DiSA evidence on the Fashion-MNIST MAR ({Path(results['checkpoint']).name}, "
                  f"{results['config']['num_images']} test images, {len(k)} AR steps, teacher-forced)", fontsize=11)
     fig.tight_layout()
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -570,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fmnist_evidence.py: error: {err}", file=sys.stderr)
         return 1
     json_path, png_path = out_dir / "evidence.json", out_dir / "evidence.png"
-    _write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     plot_evidence(results, png_path)
     print(format_table(results))
     print()
