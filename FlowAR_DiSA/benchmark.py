@@ -3,6 +3,7 @@
     python -m flowar_disa.benchmark                          # S, L, H at full size, batch 256, CUDA if available
     python scripts/benchmark.py flowar --sizes small --num_scales 3 --batch_size 1
     python scripts/benchmark.py flowar --sizes small --compare attention=math attention=sdpa
+    python scripts/benchmark.py flowar --sizes small --num_scales 3 --compare fast=off fast=on   # before/after
 
 Real model sizes with random weights (the arithmetic does not depend on the values) and a random full-size KL-16
 decoder. Each size runs the official README settings (``sampler=`` presets): the original sampler (``--num_step``
@@ -12,7 +13,7 @@ official code times). :mod:`disa.benchmark` times them interleaved (warm-up unti
 their FLOPs with ``torch.utils.flop_counter`` (math attention, which the counter sees) and prints seconds per image
 with its spread, images/s, NFE, the fraction of the peak matmul throughput, peak memory and the paired speed-up
 next to the FLOP ratio. ``--compare A B`` times two ``key=value`` overrides instead (knobs ``sampler``,
-``precision``, ``attention``; ``--help`` lists them).
+``precision``, ``attention``, ``fast``, ``compile``; ``--help`` lists them).
 
 ``--num_scales K`` (not the official model) keeps the network sizes but generates only the first K scales
 (img_size = 16 * 2^(K-1)), for machines where the full 256 px run is too slow (the CPU figures in the README). DiSA's
@@ -29,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from disa.benchmark import (
+    CompiledHead,
     Knob,
     Knobs,
     MemoryProbe,
@@ -36,6 +38,7 @@ from disa.benchmark import (
     add_arguments,
     attention_backend,
     attention_knob,
+    compile_knob,
     compute_dtype,
     configurations,
     count_flops,
@@ -52,6 +55,7 @@ from flowar_disa.engine_flowar import (
     SamplerConfig,
     configure_backends,
 )
+from flowar_disa.models.flowar import compile_head
 
 __all__ = ["SizeSpec", "SIZES", "EVAL_BSZ", "KNOBS", "settings_for", "preset_names", "main"]
 
@@ -63,6 +67,7 @@ KNOBS = Knobs((
     attention_knob(),
     Knob("fast", "on", "on = condition cached per scale and guidance decided on the device; off = recomputed at every "
          "flow step and decided on the host, as upstream (same samples)", ("on", "off")),
+    compile_knob(),
 ))  # fmt: skip
 
 
@@ -105,17 +110,19 @@ def settings_for(spec: SizeSpec, num_scales: int, batch_size: int, device: torch
         "original": SamplerConfig(num_step=spec.original_steps, cfg=spec.cfg, guidance=spec.guidance),
         "DiSA": SamplerConfig(*spec.disa_steps, cfg=spec.cfg, guidance=spec.guidance),
     }
+    compiled = CompiledHead(model.flownet, lambda graphs: compile_head(model, cuda_graphs=graphs))
     settings, notes, counters = [], [], []
     for name, values in configs:
         generator = FlowARGenerator(model, vae, samplers[values["sampler"]], device=device,
                                     precision=values["precision"], fast_paths=values["fast"] == "on")
 
-        def generate(generator: FlowARGenerator = generator, attention: str = values["attention"]) -> float:
-            with torch.no_grad(), attention_backend(attention):
+        def generate(generator: FlowARGenerator = generator, attention: str = values["attention"],
+                     compile: str = values["compile"]) -> float:  # fmt: skip
+            with torch.no_grad(), attention_backend(attention), compiled.use(compile):
                 out = generator.generate(labels, seeds)
             return float(sum(out.nfe_per_ar_step))  # sequential flow-head calls per image
 
-        def flops(generator: FlowARGenerator = generator) -> float:
+        def flops(generator: FlowARGenerator = generator) -> float:  # eager: compiling does not change the FLOPs
             with attention_backend("math"):
                 return count_flops(lambda: generator.generate(labels, seeds))
 
@@ -148,11 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error(f"--rounds must be >= 1, got {args.repeats}")
     base = KNOBS.defaults()
+    device = resolve_device(args.device)
     # Validate overrides once, before building anything large.
-    configurations(parser, KNOBS, args, preset_names(SIZES[args.sizes[0]]), base)
+    configurations(parser, KNOBS, args, preset_names(SIZES[args.sizes[0]]), base, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     logging.basicConfig(level=logging.WARNING)
     configure_backends(device)
     side = 2 ** (args.num_scales - 1)

@@ -36,6 +36,7 @@ import torch
 from disa.checkpoints import CheckpointError, exit_on_error
 from disa.distributed import RankFailedError, init_distributed, shutdown_distributed
 from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError
+from disa.layers import add_compile_arguments, compile_request
 from flowar_disa.engine_flowar import (
     MODELS,
     PRECISIONS,
@@ -48,6 +49,7 @@ from flowar_disa.engine_flowar import (
     evaluate,
     load_flowar_weights,
 )
+from flowar_disa.models.flowar import compile_head
 
 __all__ = ["get_args_parser", "EvalRun", "resolve", "model_config_from_args", "sampler_from_args",
            "metrics_from_args", "resolve_device", "check_common", "warn_unused", "setup_logging", "print_results",
@@ -153,6 +155,7 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
                         "steps; odd counts lose a step; 1 step returns the noise)")
     g.add_argument("--heun", action="store_true",
                    help="not official: Heun's method (2N-1 flow calls; the official flag was a no-op)")
+    add_compile_arguments(g)  # not official flags; --evaluate only (training's online evaluation runs eager)
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--weight_decay", type=float, default=0.02, help=helptext("AdamW weight decay", eval_unused=True))
@@ -255,6 +258,8 @@ class EvalRun:
     device: str | None
     precision: str
     metrics: Any | None  # disa.metrics.MetricsConfig
+    compile_head: bool = False  # speed only (not in the fingerprint): torch.compile the flow head
+    cuda_graphs: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
         """What the images depend on (recorded in the folder; a resume with other values is refused)."""
@@ -351,9 +356,11 @@ def resolve(args: argparse.Namespace, *, training: bool = False) -> EvalRun:
     labels = ClassBalancedLabels(args.num_images, args.class_num)
     config = EvalConfig(sample_dir=folder, num_images=args.num_images, batch_size=args.eval_bsz, seed=args.seed,
                         save_npz=args.save_npz, keep_pngs=not args.delete_images, progress=not args.no_progress)
+    device = resolve_device(args.device)
+    compile_now, cuda_graphs = compile_request(args, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return EvalRun(model=model, sampler=sampler, eval=config, labels=labels, checkpoint=args.resume,
-                   vae_path=args.vae_path, vae_ch=args.vae_ch, device=resolve_device(args.device),
-                   precision=args.precision, metrics=metrics_from_args(args))
+                   vae_path=args.vae_path, vae_ch=args.vae_ch, device=device, precision=args.precision,
+                   metrics=metrics_from_args(args), compile_head=compile_now, cuda_graphs=cuda_graphs)
 
 
 def warn_unused(args: argparse.Namespace) -> None:
@@ -400,8 +407,10 @@ def evaluate_checkpoint(run: EvalRun) -> dict[str, Any]:
     logger.info("loaded %s (%s, %.1fM parameters)", path, run.model.model,
                 sum(p.numel() for p in model.parameters()) / 1e6)
     vae = build_vae(run.vae_path, embed_dim=run.model.vae_embed_dim, ch=run.vae_ch)
-    generator = FlowARGenerator(model.to(ctx.device).eval(), vae.to(ctx.device), run.sampler, device=ctx.device,
-                                precision=run.precision)
+    model.to(ctx.device).eval()
+    if run.compile_head:
+        compile_head(model, cuda_graphs=run.cuda_graphs)
+    generator = FlowARGenerator(model, vae.to(ctx.device), run.sampler, device=ctx.device, precision=run.precision)
     logger.info("sampler %s: flow-head calls per scale %s", run.sampler, list(generator.nfe_per_ar_step))
     results = evaluate(generator, run.eval, run.labels, model_config={**run.fingerprint(), "device_type":
                                                                         ctx.device.type}, metrics=run.metrics)

@@ -92,6 +92,9 @@ class TrainRun:
 def resolve_training(args: argparse.Namespace) -> TrainRun:
     """Flags -> validated training configuration (ValueError naming the flag otherwise)."""
     flowar_eval.check_common(args)
+    if args.compile_head or args.cuda_graphs:
+        raise ValueError("--compile_head / --cuda_graphs apply to --evaluate runs only (training's online "
+                         "evaluation runs the eager head)")
     if args.use_cached:
         raise ValueError("--use_cached is not supported: FlowAR trains from the images in --data_path (upstream "
                          "main_flowar.py ignores cached latents too, and crashes with this flag)")

@@ -17,10 +17,12 @@ counted from the architecture and the schedule that actually ran (:func:`mar_flo
     python -m mar_disa.benchmark                                    # official settings and batch sizes (a GPU)
     python -m mar_disa.benchmark --models mar_base --ar_divisor 32 --threads 1 --warmup 0 --batch_size 1  # a CPU
     python -m mar_disa.benchmark --models mar_base --compare precision=fp32 precision=bf16 --set sampler=DiSA
+    python -m mar_disa.benchmark --models mar_base --compare fast=off fast=on       # before/after the cached condition
 
 ``--ar_divisor D`` divides every AR step count by D (the diffusion step counts stay): the settings are then smaller
 than the official ones, and their names say so. ``--compare A B`` times two ``key=value`` overrides of the base
-setting (knobs ``sampler``, ``precision``, ``attention``; ``--help`` lists them) instead of the three presets.
+setting (knobs ``sampler``, ``precision``, ``attention``, ``fast``, ``compile``; ``--help`` lists them) instead of
+the three presets.
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ from disa.benchmark import (
     Timing,
     add_arguments,
     attention_backend,
+    CompiledHead,
     attention_knob,
+    compile_knob,
     compute_dtype,
     configurations,
     count_flops,
@@ -54,10 +58,11 @@ from disa.vae import AutoencoderKL
 from mar_disa.engine_mar import MARGenerator, autocast
 from mar_disa.main_mar import ModelConfig, SamplerConfig, build_model, int_at_least
 from mar_disa.models.diffloss import DiffLoss
-from mar_disa.models.mar import MAR, MAR_MODELS, SampleStats, mask_schedule
+from mar_disa.models.mar import MAR, MAR_MODELS, SampleStats, compile_head, mask_schedule
 
 __all__ = [
     "HEADS",
+    "FAST_KNOB",
     "EVAL_BSZ",
     "KNOBS",
     "BenchSetting",
@@ -75,19 +80,25 @@ HEADS: dict[str, tuple[int, int]] = {"mar_base": (6, 1024), "mar_large": (8, 128
 _LABELS = {"mar_base": "MAR-B", "mar_large": "MAR-L", "mar_huge": "MAR-H"}
 CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.3}  # the DiSA README's guidance scales
 EVAL_BSZ = {"mar_base": 256, "mar_large": 256, "mar_huge": 128}  # the DiSA README's --eval_bsz
+# The diffusion head's own switch (DiffLoss.cache_condition), shared with Harmon's benchmark (same head).
+FAST_KNOB = Knob("fast", "on", "on = the head embeds its condition once per AR step; off = at every diffusion step, "
+                 "as upstream (same samples)", ("on", "off"))
 KNOBS = Knobs((
     Knob("sampler", "DiSA", "original = 256 AR / 100 steps, fixed = 64 AR / 50 steps, DiSA = 64 AR / 50->5 "
          "(AR steps divided by --ar_divisor)", ("original", "fixed", "DiSA")),
     precision_knob(),
     attention_knob(),
+    FAST_KNOB,
+    compile_knob(),
 ))  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BenchSetting:
     """One sampler configuration: ``num_iter`` AR steps; ``diff_sampler`` ``default`` (``upper`` steps at every AR
-    step) or ``DiSA`` (``upper`` annealed to ``lower``, linear); ``precision`` (None: the benchmark's) and the
-    ``attention`` backend (:data:`disa.benchmark.ATTENTION`) it runs under."""
+    step) or ``DiSA`` (``upper`` annealed to ``lower``, linear); ``precision`` (None: the benchmark's), the
+    ``attention`` backend (:data:`disa.benchmark.ATTENTION`) it runs under, whether the head caches its condition
+    (``fast``) and how the head runs (``compile``: :func:`disa.benchmark.compile_knob`)."""
 
     name: str
     num_iter: int
@@ -96,6 +107,8 @@ class BenchSetting:
     lower: int
     precision: str | None = None
     attention: str = "sdpa"
+    fast: bool = True
+    compile: str = "off"
 
     def sampler(self, cfg: float) -> SamplerConfig:
         return SamplerConfig(num_iter=self.num_iter, cfg=cfg, diff_sampler=self.diff_sampler,
@@ -169,14 +182,16 @@ def mar_flops_per_image(model: MAR, tokens_per_step: Sequence[int], head_calls_p
 
 
 def sampler_head(model: MAR, setting: BenchSetting) -> DiffLoss:
-    """A diffusion head that samples as ``setting`` says, sharing the network of ``model``'s current head (one set
-    of weights serves every setting; building MAR-H three times would triple the memory)."""
+    """A diffusion head that samples as ``setting`` says (its step schedule and ``fast``), sharing the network of
+    ``model``'s current head (one set of weights serves every setting; building MAR-H three times would triple the
+    memory)."""
     net = model.diffloss.net
     with torch.device("meta"):  # the throw-away MLP costs nothing; the schedule tables live on the host anyway
         head = DiffLoss(target_channels=model.token_embed_dim, z_channels=net.cond_embed.in_features,
                         depth=net.num_res_blocks, width=net.model_channels, diff_upper_steps=setting.upper,
                         diff_lower_steps=setting.lower, diff_sampler=setting.diff_sampler)  # fmt: skip
     head.net = net
+    head.cache_condition = setting.fast
     return head
 
 
@@ -208,25 +223,27 @@ def benchmark_model(
     """Time ``settings`` interleaved on ``model`` (class-balanced labels, per-image seeds as the evaluation uses;
     :func:`disa.benchmark.time_interleaved`) and attach the FLOPs of what ran: :func:`mar_flops_per_image` from the
     setting's last ``sample_tokens`` statistics plus the VAE decode. A setting's own ``precision`` / ``attention``
-    override ``precision`` / the default attention."""
+    override ``precision`` / the default attention; its ``compile`` value swaps the shared head network's forward
+    (:class:`disa.benchmark.CompiledHead`, compiled once per value)."""
     labels = torch.arange(batch_size) % model.num_classes  # (B,)
     seeds = [image_seed(0, i, batch_size) for i in range(batch_size)]
     latent = model.img_size // model.vae_stride
     z = torch.zeros(batch_size, vae.embed_dim, latent, latent, device=device)  # (B, E, h, w)
     vae_flops: dict[str, float] = {}
     stats: dict[str, SampleStats] = {}
+    heads = [sampler_head(model, setting) for setting in settings]
+    compiled = CompiledHead(model.diffloss.net, lambda graphs: compile_head(model, cuda_graphs=graphs))
     timed = []
-    for setting in settings:
+    for setting, head in zip(settings, heads):
         setting_precision = setting.precision or precision
         if flops and setting_precision not in vae_flops:
             with torch.no_grad(), autocast(device, setting_precision):
                 vae_flops[setting_precision] = _math_attention_flops(lambda: vae.decode(z))
-        head = sampler_head(model, setting)
         generator = MARGenerator(model, vae, num_iter=setting.num_iter, cfg=cfg, precision=setting_precision)
 
         def generate(generator: MARGenerator = generator, head: DiffLoss = head, setting: BenchSetting = setting) -> float:
             model.diffloss = head  # the settings share one model; each brings its own step schedule
-            with attention_backend(setting.attention):
+            with attention_backend(setting.attention), compiled.use(setting.compile):
                 nfe = float(sum(generator.generate(labels, seeds).nfe_per_ar_step))
             assert model.last_sample_stats is not None  # set by every sample_tokens call
             stats[setting.name] = model.last_sample_stats
@@ -237,8 +254,9 @@ def benchmark_model(
     if not flops:
         return results
     out = []
-    for setting, timing in zip(settings, results):
+    for setting, head, timing in zip(settings, heads, results):
         s = stats[setting.name]
+        model.diffloss = head  # the formula reads the head's cache_condition
         per_image = mar_flops_per_image(model, s.tokens_per_step, s.head_calls_per_step, s.guided)
         out.append(replace(timing, flops_per_batch=per_image * batch_size + vae_flops[setting.precision or precision]))
     return out
@@ -288,12 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     by_sampler = dict(zip(KNOBS.knobs[0].choices or (), presets))
-    configs = configurations(parser, KNOBS, args, [(p.name, {"sampler": key}) for key, p in by_sampler.items()])
+    device = resolve_device(args.device)
+    configs = configurations(parser, KNOBS, args, [(p.name, {"sampler": key}) for key, p in by_sampler.items()],
+                             device=device)  # fmt: skip
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    settings = [replace(by_sampler[v["sampler"]], name=name, precision=v["precision"], attention=v["attention"])
-                for name, v in configs]  # fmt: skip
+    settings = [replace(by_sampler[v["sampler"]], name=name, precision=v["precision"], attention=v["attention"],
+                        fast=v["fast"] == "on", compile=v["compile"]) for name, v in configs]  # fmt: skip
     reduced = "" if args.ar_divisor == 1 else f"; AR steps divided by {args.ar_divisor}"
     print(f"MAR benchmark on {machine_line(device)}, random weights, CFG on, warmup {args.warmup}, "
           f"repeats {args.repeats} (interleaved){reduced}", flush=True)

@@ -57,6 +57,7 @@ from disa.evaluation import (
 from disa.fashion_mnist import FashionMNIST
 from disa.features import EFFNET_LITE0, INCEPTION
 from disa.guidance import CFG_SCHEDULES
+from disa.layers import add_compile_arguments, compile_request
 from disa.metrics import MetricsConfig, check_metrics_inputs, compute_metrics
 from disa.schedules import DDIM_CLIP, DISA_CLIP, STRATEGIES
 from disa.vae import AutoencoderKL, PixelTokenizer, load_vae
@@ -433,10 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp16", choices=list(PRECISIONS),
                    help="fp16 = upstream's fp16 autocast on CUDA (fp32 elsewhere); bf16 autocast; fp32")
     g.add_argument("--no_metrics", action="store_true", help="generate only: skip FID/IS")
-    g.add_argument("--compile_head", action="store_true",
-                   help="torch.compile the diffusion head (speed only; samples equal to float rounding)")
-    g.add_argument("--cuda_graphs", action="store_true",
-                   help="also replay the compiled head from CUDA graphs (CUDA only; implies --compile_head)")
+    add_compile_arguments(g)
     g.add_argument("--fid_stats", default="fid_stats/adm_in256_stats.npz",
                    help="FID reference statistics (mu, sigma); fetch with `python util/download.py fid-stats`")
     g.add_argument("--metrics_extractor", default=INCEPTION, choices=[INCEPTION, EFFNET_LITE0],
@@ -513,8 +511,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      f"{args.vae_embed_dim} --img_size {args.img_size} --class_num {args.class_num}")
     if args.dataset == "fashion-mnist" and "data_path" not in _explicit_options(parser, argv):
         args.data_path = None  # the Debian package's folder, or $DISA_FASHION_MNIST_DIR
-    if args.cuda_graphs and not args.device.startswith("cuda"):
-        parser.error(f"--cuda_graphs needs a CUDA --device, got --device {args.device}")
+    try:
+        compile_request(args, args.device)
+    except (RuntimeError, ValueError) as err:  # RuntimeError: torch.device() refuses the string
+        parser.error(str(err))
     if args.evaluate and not args.resume:
         parser.error("--evaluate needs --resume: a folder holding checkpoint-last.pth, or a .pth file "
                      "(fetch the official ones with `python util/download.py`)")
@@ -680,8 +680,9 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: DistributedContext) -> di
     model = build_model(model_config(args), sampler_config(args))
     load_for_generation(model, checkpoint)
     model.to(ctx.device)
-    if args.compile_head or args.cuda_graphs:
-        compile_head(model, cuda_graphs=args.cuda_graphs)
+    compile_now, cuda_graphs = compile_request(args, ctx.device)
+    if compile_now:
+        compile_head(model, cuda_graphs=cuda_graphs)
     vae = load_tokenizer(args, ctx.device)
     metrics_fn = _metrics_fn(evaluation_config(args))
     tokenizer = "pixels" if args.tokenizer == "pixels" else str(Path(args.vae_path).resolve())

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ __all__ = [
     "PRECISIONS",
     "attention_knob",
     "precision_knob",
+    "compile_knob",
+    "CompiledHead",
     "attention_backend",
     "compute_dtype",
     "Setting",
@@ -174,6 +176,36 @@ def attention_backend(name: str) -> ContextManager[None]:
         raise ValueError(f"unknown attention backend {name!r}; allowed: {', '.join(ATTENTION)}")
     backend = ATTENTION[name]
     return contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
+
+
+def compile_knob() -> Knob:
+    return Knob("compile", "off", "the per-token head: off = eager; on = torch.compile (the family's compile_head); "
+                "graphs = compiled and replayed from CUDA graphs (CUDA only)", ("off", "on", "graphs"))
+
+
+class CompiledHead:
+    """A head module's forward for each ``compile`` knob value (:func:`compile_knob`), built on first use and
+    swapped in for each call: the interleaved settings share one module, and recompiling at every switch would time
+    the compiler. ``compile_fn(cuda_graphs)`` compiles ``module`` in place (the family's ``compile_head``, i.e.
+    :func:`disa.layers.compile_forward`, which installs the compiled forward as an instance attribute)."""
+
+    def __init__(self, module: torch.nn.Module, compile_fn: Callable[[bool], Any]) -> None:
+        self.module, self._compile = module, compile_fn
+        self._forwards: dict[str, Callable[..., Any] | None] = {"off": None}
+
+    @contextlib.contextmanager
+    def use(self, value: str) -> Iterator[None]:
+        """Run the block with the forward of ``value`` (``off``, ``on``, ``graphs``)."""
+        if value not in self._forwards:
+            self._compile(value == "graphs")
+            self._forwards[value] = self.module.__dict__.pop("forward")
+        forward = self._forwards[value]
+        if forward is not None:
+            self.module.forward = forward  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            self.module.__dict__.pop("forward", None)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -528,18 +560,24 @@ def configurations(
     args: argparse.Namespace,
     presets: Sequence[tuple[str, Mapping[str, Any]]],
     base: Mapping[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """``(name, knob values)`` to time: with ``--compare A B`` the two overridden configurations (named by their
     overrides), otherwise the family's ``presets`` (each a name and overrides). ``base`` (default: the knobs'
     defaults) gets ``--set`` applied first. Bad overrides end the program through ``parser.error`` (exit 2) with the
-    allowed keys and values."""
+    allowed keys and values; so does ``compile=graphs`` when ``device`` is given and is not a CUDA device."""
     try:
         start = knobs.parse(args.overrides, base) if args.overrides else dict(knobs.defaults() if base is None else base)
         if args.compare:
-            return [(spec, knobs.parse(spec, start)) for spec in args.compare]
-        return [(name, {**start, **values}) for name, values in presets]
+            configs = [(spec, knobs.parse(spec, start)) for spec in args.compare]
+        else:
+            configs = [(name, {**start, **values}) for name, values in presets]
     except OverrideError as err:
         parser.error(str(err))
+    if device is not None and device.type != "cuda" and any(v.get("compile") == "graphs" for _, v in configs):
+        parser.error(f"compile=graphs replays CUDA graphs and needs a CUDA device, this run is on {device}; use "
+                     "compile=on or --device cuda")
+    return configs
 
 
 def resolve_device(name: str | None) -> torch.device:

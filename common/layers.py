@@ -9,10 +9,13 @@ Module and parameter names follow the official checkpoints, so models built from
   ``fc2``), the MLP of the FlowAR/xAR AdaLN blocks;
 * :func:`modulate`, :func:`maybe_checkpoint` — AdaLN modulation and optional activation checkpointing;
 * :func:`compile_forward`, :func:`uncompile_forward` — opt-in ``torch.compile`` (optionally with CUDA graphs) of
-  one module's forward in place, for the per-token heads that run thousands of small sequential calls.
+  one module's forward in place, for the per-token heads that run thousands of small sequential calls;
+  :func:`add_compile_arguments` / :func:`compile_request` — the ``--compile_head`` / ``--cuda_graphs`` flags every
+  family's evaluation CLI offers for it.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
@@ -26,6 +29,8 @@ __all__ = [
     "maybe_checkpoint",
     "compile_forward",
     "uncompile_forward",
+    "add_compile_arguments",
+    "compile_request",
     "TimestepEmbedder",
     "RMSNorm",
     "mlp_hidden_features",
@@ -84,6 +89,24 @@ def uncompile_forward(module: nn.Module) -> nn.Module:
     """Undo :func:`compile_forward` (no-op for a module that was not compiled); returns ``module``."""
     module.__dict__.pop("forward", None)
     return module
+
+
+def add_compile_arguments(group: argparse._ActionsContainer) -> None:
+    """``--compile_head`` and ``--cuda_graphs``: the opt-in fast paths of the per-token head (not official flags)."""
+    group.add_argument("--compile_head", action="store_true",
+                       help="torch.compile the per-token head (speed only; samples equal to float rounding)")
+    group.add_argument("--cuda_graphs", action="store_true",
+                       help="also replay the compiled head from CUDA graphs (CUDA only; implies --compile_head)")
+
+
+def compile_request(args: argparse.Namespace, device: torch.device | str) -> tuple[bool, bool]:
+    """``(compile, cuda_graphs)`` from :func:`add_compile_arguments`' flags for a run on ``device``; ``ValueError``
+    when CUDA graphs are asked for elsewhere than on a CUDA device."""
+    device = torch.device(device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda_graphs needs a CUDA device (CUDA graphs replay CUDA kernels), the run is on "
+                         f"{device}; drop --cuda_graphs or use --device cuda")
+    return bool(args.compile_head or args.cuda_graphs), bool(args.cuda_graphs)
 
 
 class TimestepEmbedder(nn.Module):

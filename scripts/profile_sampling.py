@@ -189,7 +189,7 @@ def harmon_target(device: torch.device, ar: int | None, steps: Sequence[int] | N
 
     return Target(
         run,
-        {"LLM (Qwen2.5-0.5B)": [(model.llm, "forward")],
+        {"LLM (Qwen2.5-0.5B)": [(model.llm.model, "forward")],
          "MAE encoder + decoder": [(model.mar, "forward_mae_encoder"), (model.mar, "forward_mae_decoder")],
          "diffusion head MLP": [(model.mar.diffloss.net, "forward")],
          "VAE decode": [(model.vae, "decode")]},

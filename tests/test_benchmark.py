@@ -192,6 +192,36 @@ def test_memory_probe_sees_a_large_allocation() -> None:
     assert grown >= 60 * 2**20 and small < 16 * 2**20
 
 
+def test_compiled_head_builds_each_variant_once_and_restores_the_eager_forward() -> None:
+    module = torch.nn.Linear(2, 2)
+    built: list[bool] = []
+
+    def compile_fn(cuda_graphs: bool) -> None:  # stands in for a family's compile_head
+        built.append(cuda_graphs)
+        module.forward = lambda x, tag=("graphs" if cuda_graphs else "on"): tag  # type: ignore[method-assign]
+
+    head, x = B.CompiledHead(module, compile_fn), torch.ones(1, 2)
+    for value, expected in [("on", "on"), ("off", None), ("on", "on"), ("graphs", "graphs"), ("on", "on")]:
+        with head.use(value):
+            out = module(x)
+        assert out == expected if expected else isinstance(out, torch.Tensor)
+        assert "forward" not in vars(module)
+    assert built == [False, True]
+
+
+def test_compile_graphs_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench")
+    knobs = B.Knobs((B.compile_knob(),))
+    B.add_arguments(parser, knobs, batch_size=1, batch_note="1")
+    args = parser.parse_args(["--compare", "compile=off", "compile=graphs"])
+    assert [v for _, v in B.configurations(parser, knobs, args, [], device=torch.device("cuda"))][1] == {
+        "compile": "graphs"}
+    with pytest.raises(SystemExit) as exit_:
+        B.configurations(parser, knobs, args, [], device=torch.device("cpu"))
+    assert exit_.value.code == 2 and "compile=graphs replays CUDA graphs and needs a CUDA device" in (
+        capsys.readouterr().err)
+
+
 # ---------------------------------------------------------------------------------------------- family CLIs
 
 

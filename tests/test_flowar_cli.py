@@ -360,12 +360,25 @@ def _eval_args(files: dict[str, Path], out: Path, size: str = "S", *extra: str) 
     (["--embed_dim", "66"], "must be an integer head size divisible by 4"),
     (["--dist_on_itp"], "not supported; launch with torchrun"),
     (["--seed", "-1"], "EvalConfig.seed must be an integer in"),
+    (["--cuda_graphs", "--device", "cpu"], "--cuda_graphs needs a CUDA device"),
 ])
 def test_bad_flags_fail_at_parse_time(cli: Any, files: dict[str, Path], tmp_path: Path, extra: list[str],
                                       message: str) -> None:
     status, err = cli(flowar_eval, *_eval_args(files, tmp_path, "S", *extra))
     assert status == 2 and message in err, err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_compile_head_flag_compiles_the_flow_head(cli: Any, files: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile_head`` hands the loaded model to compile_head before generating (real compilation is
+    tested for equality in test_fast_paths.py); the images still come out."""
+    calls = []
+    monkeypatch.setattr(flowar_eval, "compile_head", lambda model, **kw: calls.append((type(model).__name__, kw)))
+    status, err = cli(flowar_eval, *_eval_args(files, tmp_path, "S", "--compile_head", "--device", "cpu"))
+    assert status == 0, err
+    assert calls == [("FlowAR", {"cuda_graphs": False})]
+    assert len(list(tmp_path.rglob("*.png"))) == 4
 
 
 def test_missing_or_mismatched_checkpoint_is_an_error(cli: Any, files: dict[str, Path], tmp_path: Path) -> None:
@@ -413,6 +426,8 @@ def test_training_bad_input(cli: Any, files: dict[str, Path], tmp_path: Path) ->
     assert status == 1 and "training images not found" in err
     status, err = cli(main_flowar, *base, "--use_cached")
     assert status == 2 and "--use_cached is not supported" in err
+    status, err = cli(main_flowar, *base, "--compile_head")
+    assert status == 2 and "apply to --evaluate runs only" in err
     status, err = cli(main_flowar, *base, "--resume", str(tmp_path / "typo"), "--data_path",
                       str(files["root"] / "imagenet"))
     assert status == 1 and "checkpoint not found" in err

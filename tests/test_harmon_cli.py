@@ -131,6 +131,25 @@ def test_seeded_runs_are_reproducible(workdir, monkeypatch, capsys):
     assert calls[0] == calls[1] == calls[2] and calls[3] > calls[0]
 
 
+def test_compile_head_gives_the_eager_images(workdir, monkeypatch, capsys):
+    """``--compile_head`` (real torch.compile of the head on the CPU): the same grid to uint8 rounding."""
+    from harmon_disa.scripts import text2image
+
+    compiled_heads, real_compile = [], text2image.compile_head
+
+    def spy(model, **kwargs):  # type: ignore[no-untyped-def]
+        real_compile(model, **kwargs)
+        compiled_heads.append(model.mar.diffloss.net)
+
+    monkeypatch.setattr(text2image, "compile_head", spy)
+    assert in_process(workdir, monkeypatch, ["--seed", "5", "--output", "eager.png"]) == 0
+    assert not compiled_heads
+    assert in_process(workdir, monkeypatch, ["--seed", "5", "--compile_head", "--output", "compiled.png"]) == 0
+    assert len(compiled_heads) == 1 and "forward" in vars(compiled_heads[0])  # the compiled forward ran
+    eager, compiled = (read_image(workdir / n).astype(int) for n in ("eager.png", "compiled.png"))
+    assert np.abs(eager - compiled).max() <= 1
+
+
 def test_bad_input_fails_clearly_and_keeps_existing_output(workdir, monkeypatch, capsys):
     (workdir / "keep.jpg").write_bytes(b"old image")
     assert in_process(workdir, monkeypatch, ["--checkpoint", "checkpoints/nothere.pth", "--output", "keep.jpg"]) == 1
@@ -146,6 +165,7 @@ def test_bad_input_fails_clearly_and_keeps_existing_output(workdir, monkeypatch,
         (["--cfg", "-1"], "must be a finite number >= 0"),
         (["--cfg_schedule", "cosine"], "invalid choice: 'cosine'"),
         (["--attn_implementation", "flash"], "invalid choice: 'flash'"),
+        (["--cuda_graphs", "--device", "cpu"], "--cuda_graphs needs a CUDA device"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             in_process(workdir, monkeypatch, argv)

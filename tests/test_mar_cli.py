@@ -9,6 +9,7 @@ are written here in the official layout (``model``, ``model_ema``, ``epoch``, ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -259,6 +260,7 @@ def test_clip_and_sampler_flags_reach_the_model() -> None:
         (["--lr_schedule", "cosine", "--warmup_epochs", "500"], "warmup_epochs < epochs"),
         (["--use_cached"], "--use_cached needs --cached_path"),
         (["--kid"], "KID and precision/recall need per-image reference features"),
+        (["--cuda_graphs", "--device", "cpu"], "--cuda_graphs needs a CUDA device"),
     ],
 )
 def test_bad_flags_exit_2_naming_what_is_allowed(argv: list[str], message: str,
@@ -545,6 +547,37 @@ def test_benchmark_times_every_setting_on_one_model() -> None:
     assert [r.nfe_per_image for r in results_] == [800, 100, 48 + 5]  # 16 tokens; DiSA's 50 steps run 48
     assert all(r.seconds_per_image > 0 for r in results_)
     assert results_[0].tflops_per_image > results_[1].tflops_per_image > results_[2].tflops_per_image
+
+
+def test_benchmark_fast_and_compile_knobs_switch_the_shared_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fast=off`` heads embed the condition at every step (more FLOPs by the formula, same NFE); ``compile=on``
+    runs the head through the family's compile_head, built once and only for the settings that ask for it."""
+    model = _micro()
+    net = model.diffloss.net
+    vae = AutoencoderKL(ch=32, with_encoder=False).eval()
+    compiled_calls, builds = [0], []
+
+    def fake_compile(m, *, cuda_graphs=False):  # type: ignore[no-untyped-def]
+        builds.append(cuda_graphs)
+        eager = type(m.diffloss.net).forward.__get__(m.diffloss.net)
+
+        def forward(*args, **kwargs):  # type: ignore[no-untyped-def]
+            compiled_calls[0] += 1
+            return eager(*args, **kwargs)
+
+        m.diffloss.net.forward = forward
+
+    monkeypatch.setattr(bench, "compile_head", fake_compile)
+    base = bench.official_settings(32)[2]
+    settings = [dataclasses.replace(base, name="off", fast=False), dataclasses.replace(base, name="on"),
+                dataclasses.replace(base, name="compiled", compile="on")]  # fmt: skip
+    results_ = bench.benchmark_model(model, vae, settings, cfg=2.9, batch_size=2, device=torch.device("cpu"),
+                                     precision="fp32", warmup=1, repeats=2)  # fmt: skip
+    assert [r.nfe_per_image for r in results_] == [53, 53, 53]
+    assert results_[0].tflops_per_image > results_[1].tflops_per_image == results_[2].tflops_per_image
+    assert builds == [False]  # one compilation for three calls of the compiled setting
+    assert compiled_calls[0] == 3 * 53  # warm-up + 2 repeats, every head call of that setting and no other
+    assert "forward" not in vars(net)  # the eager forward is back afterwards
 
 
 def test_benchmark_rejects_a_divisor_that_breaks_the_schedule(capsys: pytest.CaptureFixture) -> None:

@@ -13,7 +13,8 @@ untimed, device synchronised, ``--repeats`` rounds) and prints seconds per image
 (sequential diffusion-MLP calls per batch, measured with forward hooks), FLOPs (``torch.utils.flop_counter``, math
 attention), the fraction of the peak matmul throughput, peak memory and the paired speed-ups, then the MLP token
 evaluations per image. ``--compare A B`` times two ``key=value`` overrides instead (knobs ``sampler``,
-``precision`` — the weights' dtype; a second copy of the model is made for it —, ``attention``). With
+``precision`` — the weights' dtype; a second copy of the model is made for it —, ``attention``, ``fast`` — the
+head's cached condition, as in MAR —, ``compile`` — ``torch.compile`` of the head MLP). With
 ``--num_iter`` or ``--image_size`` below the defaults the ratios are not the paper's setting: the script says so.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Sequence
 
 import torch
 from disa.benchmark import (
+    CompiledHead,
     Knob,
     Knobs,
     MemoryProbe,
@@ -33,6 +35,7 @@ from disa.benchmark import (
     add_arguments,
     attention_backend,
     attention_knob,
+    compile_knob,
     configurations,
     count_flops,
     machine_line,
@@ -41,6 +44,8 @@ from disa.benchmark import (
     time_interleaved,
 )
 from harmon_disa.src.models import Harmon, build_harmon, load_config
+from harmon_disa.src.models.harmon import compile_head
+from mar_disa.benchmark import FAST_KNOB
 from mar_disa.models.diffloss import DiffLoss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -59,6 +64,8 @@ KNOBS = Knobs((
     Knob("precision", "auto", "dtype of the weights; auto = bf16 on CUDA (as upstream), fp32 on the CPU",
          ("auto", *DTYPES)),
     attention_knob(),
+    FAST_KNOB,
+    compile_knob(),
 ))  # fmt: skip
 BASE = {"1.5b": "qwen2_5_1_5b_kl16_mar_h.py", "0.5b": "qwen2_5_0_5b_kl16_mar_b.py"}
 # Published config.json values of Qwen/Qwen2.5-{0.5B,1.5B}-Instruct that shape the weights (the rest is default).
@@ -109,10 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.image_size % 16 or min(args.image_size, args.num_iter, args.prompt_len) < 1:
         parser.error("--image_size must be a positive multiple of 16; --num_iter and --prompt_len must be >= 1")
-    configs = configurations(parser, KNOBS, args, [(LABELS[k], {"sampler": k}) for k in SETTINGS])
+    device = resolve_device(args.device)
+    configs = configurations(parser, KNOBS, args, [(LABELS[k], {"sampler": k}) for k in SETTINGS], device=device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     torch.manual_seed(0)
     auto = "bf16" if device.type == "cuda" else "fp32"
     models: dict[str, Harmon] = {}
@@ -133,16 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids = torch.randint(0, vocab, (rows, args.prompt_len), device=device)
     mask = torch.ones(rows, args.prompt_len, dtype=torch.bool, device=device)
     side = args.image_size // 16
+    compiled = {precision: CompiledHead(m.mar.diffloss.net, lambda graphs, m=m: compile_head(m, cuda_graphs=graphs))
+                for precision, m in models.items()}  # fmt: skip
     settings, counters, tokens = [], [], {}
     for name, values in configs:
         precision = auto if values["precision"] == "auto" else values["precision"]
         model = models[precision]
         head = head_for(model, SETTINGS[values["sampler"]])
+        head.cache_condition = values["fast"] == "on"
 
         def generate(model: Harmon = model, head: DiffLoss = head, attention: str = values["attention"],
-                     name: str = name) -> float:  # fmt: skip
+                     name: str = name, compiled: CompiledHead = compiled[precision],
+                     compile: str = values["compile"]) -> float:  # fmt: skip
             model.mar.diffloss = head
-            with torch.no_grad(), attention_backend(attention):
+            with torch.no_grad(), attention_backend(attention), compiled.use(compile):
                 model.sample(ids, mask, num_iter=args.num_iter, cfg=3.0, image_shape=(side, side))
             stats = model.last_sample_stats
             assert stats is not None  # set by every sample call
@@ -150,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return float(stats.head_calls)
 
         def flops(generate=generate) -> float:  # type: ignore[no-untyped-def]
-            with attention_backend("math"):
-                return count_flops(generate)
+            with attention_backend("math"):  # eager: compiling does not change the FLOPs
+                return count_flops(lambda: generate(compile="off"))
 
         settings.append(Setting(name, generate, args.batch_size, DTYPES[precision]))
         counters.append(flops)

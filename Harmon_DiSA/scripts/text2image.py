@@ -18,7 +18,9 @@ replaced by a complete new one) and prints the path, the time and the diffusion-
 * ``--llm_path`` (Qwen2.5-Instruct directory, default the config's hub id), ``--vae_path`` (default the config's);
 * ``--no_disa_clip``: turn off the DiSA fork's clamp of the respaced timesteps at 950;
 * ``--allow_unexpected_keys``: tolerate extra keys in the checkpoint (never missing or mis-shaped ones);
-* ``--random_weights``: run without ``--checkpoint`` (benchmarks); upstream silently ran with random weights then.
+* ``--random_weights``: run without ``--checkpoint`` (benchmarks); upstream silently ran with random weights then;
+* ``--compile_head`` / ``--cuda_graphs``: ``torch.compile`` the diffusion head (optionally replayed from CUDA
+  graphs; :func:`harmon_disa.src.models.harmon.compile_head`); speed only, samples equal to float rounding.
 """
 from __future__ import annotations
 
@@ -36,9 +38,11 @@ import torch
 
 from disa.checkpoints import CheckpointError
 from disa.evaluation import image_seed
+from disa.layers import add_compile_arguments, compile_request
 from disa.noise import PerImageNoise
 from harmon_disa.src.models import Harmon, load_config, load_harmon, make_grid, text2image_input, to_uint8
 from harmon_disa.src.models.config import resolve_dtype
+from harmon_disa.src.models.harmon import compile_head
 from harmon_disa.src.models.prompts import DEFAULT_CFG_PROMPT
 from mar_disa.models.mar import orders_from_seeds
 
@@ -82,6 +86,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow_unexpected_keys", action="store_true",
                         help="tolerate extra checkpoint keys (missing or mis-shaped keys still fail)")  # fmt: skip
     parser.add_argument("--random_weights", action="store_true", help="allow running without --checkpoint")
+    add_compile_arguments(parser)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +111,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"config file not found: {args.config!r}")
     if args.seed is not None and args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        compile_request(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError) as err:  # RuntimeError: torch.device() refuses the string
+        parser.error(str(err))
 
 
 def resolve_device_dtype(args: argparse.Namespace, config_dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -127,6 +136,9 @@ def load_model(
         cfg, args.checkpoint, llm_path=args.llm_path, vae_path=args.vae_path, device=device or dev, dtype=dtype,
         attn_implementation=args.attn_implementation, strict=not args.allow_unexpected_keys,
     )  # fmt: skip
+    compile_now, cuda_graphs = compile_request(args, device or dev)
+    if compile_now:
+        compile_head(model, cuda_graphs=cuda_graphs)
     return model, device or dev, dtype
 
 
