@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from disa.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
+from disa.cli import check_int_at_least
 from disa.distributed import run_on_main
 from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError, GeneratedBatch, run_evaluation
 from disa.noise import PerImageNoise
@@ -71,10 +72,6 @@ class UsageError(RuntimeError):
     """Bad input found at run time (missing data folder, missing checkpoint to resume): a one-line CLI error."""
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def scales_for(img_size: int, vae_stride: int) -> tuple[int, ...]:
@@ -126,7 +123,7 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.model!r}; allowed: {', '.join(MODELS)}")
         for name in ("embed_dim", "depth", "num_heads"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                check_int_at_least(name, getattr(self, name))
         scales_for(self.img_size, self.vae_stride)
         # The model's own validation of every field, overrides included: a shape-only (meta) build costs no memory
         # and well under a second even for FlowAR-H, so bad sizes fail at parse time, not after loading data.
@@ -193,10 +190,10 @@ class SamplerConfig:
     heun: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("flow_upper_steps", self.flow_upper_steps)
-        _positive_int("flow_lower_steps", self.flow_lower_steps)
+        check_int_at_least("flow_upper_steps", self.flow_upper_steps)
+        check_int_at_least("flow_lower_steps", self.flow_lower_steps)
         if self.num_step is not None:
-            _positive_int("num_step", self.num_step)
+            check_int_at_least("num_step", self.num_step)
         if self.flow_lower_steps > self.flow_upper_steps:
             raise ValueError(
                 f"flow_lower_steps ({self.flow_lower_steps}) must be <= flow_upper_steps ({self.flow_upper_steps}): "

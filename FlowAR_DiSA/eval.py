@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from disa.checkpoints import CheckpointError, exit_on_error
+from disa.cli import finite_float
 from disa.distributed import RankFailedError, init_distributed, shutdown_distributed
 from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError
 from disa.layers import add_compile_arguments, compile_request
@@ -62,12 +62,6 @@ UNUSED = "accepted, unused (as upstream)"
 CLI_ERRORS = (CheckpointError, EvaluationError, RankFailedError, UsageError)
 
 
-def _float(text: str) -> float:
-    """argparse type: a finite float (rejects nan / inf at parse time)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -130,9 +124,9 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
                         "/--flow_lower_steps"
                         + (" (default 25 when no --flow_* flag is given, as upstream)" if training
                            else " (not a flag of the DiSA eval.py; the original FlowAR eval.py had it)"))
-    g.add_argument("--guidance", default=0.9, type=_float, help="classifier-free guidance applies only for t <= this")
+    g.add_argument("--guidance", default=0.9, type=finite_float(), help="classifier-free guidance applies only for t <= this")
     g.add_argument("--num_images", default=50000, type=int, help="number of images to generate")
-    g.add_argument("--cfg", default=1.0, type=_float, help="classifier-free guidance scale at the last scale "
+    g.add_argument("--cfg", default=1.0, type=finite_float(), help="classifier-free guidance scale at the last scale "
                    "(ramped linearly from 1 at the first)")
     g.add_argument("--cfg_schedule", default="linear", type=str,
                    help=UNUSED + "; FlowAR always ramps cfg linearly across scales")

@@ -53,10 +53,11 @@ from disa.benchmark import (
     resolve_device,
     time_interleaved,
 )
+from disa.cli import int_at_least
 from disa.evaluation import image_seed
 from disa.vae import AutoencoderKL
 from mar_disa.engine_mar import MARGenerator, autocast
-from mar_disa.main_mar import ModelConfig, SamplerConfig, build_model, int_at_least
+from mar_disa.main_mar import ModelConfig, SamplerConfig, build_model
 from mar_disa.models.diffloss import DiffLoss
 from mar_disa.models.mar import MAR, MAR_MODELS, SampleStats, compile_head, mask_schedule
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from disa.checkpoints import CheckpointError, exit_on_error, resolve_checkpoint_path
+from disa.cli import int_at_least
 from disa.distributed import (
     DistributedContext,
     RankFailedError,
@@ -278,19 +279,6 @@ def train_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
 # ---- command line --------------------------------------------------------------------------------------------
 
 
-def int_at_least(lowest: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers >= ``lowest``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {value}")
-        return value
-
-    return parse
 
 
 def _clip(text: str) -> int | None:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cli import int_at_least
 from .distributed import synchronize
 
 __all__ = [
@@ -522,13 +523,13 @@ def add_arguments(parser: argparse.ArgumentParser, knobs: Knobs, *, batch_size: 
     ``--warmup``, ``--repeats``, ``--device``, ``--threads``, ``--set`` / ``--compare`` overrides, ``--no_flops``
     and ``--no_peak``. The knobs are listed in the parser's epilog."""
     g = parser.add_argument_group("measurement (disa.benchmark)")
-    g.add_argument("--batch_size", type=_positive, default=batch_size,
+    g.add_argument("--batch_size", type=int_at_least(1), default=batch_size,
                    help=f"images per generation call (default: {batch_note}; 1 measures latency)")
-    g.add_argument("--warmup", type=_non_negative, default=1, help="untimed calls of each setting (default 1)")
-    g.add_argument("--repeats", type=_positive, default=3,
+    g.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls of each setting (default 1)")
+    g.add_argument("--repeats", type=int_at_least(1), default=3,
                    help="interleaved timed calls of each setting (A, B, A, B, ...; default 3)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
-    g.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch.set_num_threads)")
+    g.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (torch.set_num_threads)")
     g.add_argument("--set", dest="overrides", metavar="KEY=VALUE[,...]", default=None,
                    help="overrides of the base setting (see the knobs below)")
     g.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
@@ -540,18 +541,8 @@ def add_arguments(parser: argparse.ArgumentParser, knobs: Knobs, *, batch_size: 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def configurations(

@@ -53,6 +53,8 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
 from tqdm import tqdm
 
+from .cli import finite_float, int_at_least
+
 __all__ = [
     "Family",
     "FAMILIES",
@@ -738,18 +740,8 @@ def _listing(family: Family | None) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [header, *rows])
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _parser(family: Family | None) -> argparse.ArgumentParser:
@@ -773,8 +765,8 @@ def _parser(family: Family | None) -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the files and exit")
     p.add_argument("--force", action="store_true", help="download again even if the file is there (replaced only "
                    "once the new copy is verified)")
-    p.add_argument("--retries", type=_non_negative_int, default=3, help="resumes after an interruption (default 3)")
-    p.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds without data before giving up "
+    p.add_argument("--retries", type=int_at_least(0), default=3, help="resumes after an interruption (default 3)")
+    p.add_argument("--timeout", type=finite_float(0, inclusive=False), default=60.0, help="seconds without data before giving up "
                    "on a connection (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

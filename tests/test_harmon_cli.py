@@ -162,7 +162,7 @@ def test_bad_input_fails_clearly_and_keeps_existing_output(workdir, monkeypatch,
     assert (workdir / "keep.jpg").read_bytes() == b"old image"
     for argv, message in (
         (["--image_size", "100"], "--image_size must be a multiple of 16"),
-        (["--cfg", "-1"], "must be a finite number >= 0"),
+        (["--cfg", "-1"], "expected a finite number >= 0"),
         (["--cfg_schedule", "cosine"], "invalid choice: 'cosine'"),
         (["--attn_implementation", "flash"], "invalid choice: 'flash'"),
         (["--cuda_graphs", "--device", "cpu"], "--cuda_graphs needs a CUDA device"),

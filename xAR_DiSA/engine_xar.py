@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from disa.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
+from disa.cli import check_int_at_least
 from disa.distributed import run_on_main
 from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError, GeneratedBatch, run_evaluation
 from disa.guidance import check_cfg
@@ -68,10 +69,6 @@ class UsageError(RuntimeError):
     """Bad input found at run time (missing data folder, nothing to evaluate): a one-line CLI error."""
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -103,7 +100,7 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.model!r}; allowed: {', '.join(MODELS)}")
         for name in ("embed_dim", "depth", "num_heads"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                check_int_at_least(name, getattr(self, name))
         # The model validates every field itself (layout, dropout, class count, width vs heads). A shape-only
         # (meta) build costs no memory and well under a second even for xAR-H, so bad values fail at parse time.
         self.probe()
@@ -173,10 +170,10 @@ class SamplerConfig:
     unconditional: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("flow_upper_steps", self.flow_upper_steps)
-        _positive_int("flow_lower_steps", self.flow_lower_steps)
+        check_int_at_least("flow_upper_steps", self.flow_upper_steps)
+        check_int_at_least("flow_lower_steps", self.flow_lower_steps)
         if self.num_steps is not None:
-            _positive_int("num_steps", self.num_steps)
+            check_int_at_least("num_steps", self.num_steps)
         if self.flow_lower_steps > self.flow_upper_steps:
             raise ValueError(
                 f"flow_lower_steps ({self.flow_lower_steps}) must be <= flow_upper_steps ({self.flow_upper_steps}): "

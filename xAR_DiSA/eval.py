@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from disa.checkpoints import CheckpointError, exit_on_error
+from disa.cli import finite_float, int_at_least
 from disa.distributed import RankFailedError, init_distributed, shutdown_distributed
 from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError
 from xar_disa.engine_xar import (
@@ -74,27 +75,8 @@ training (main_xar.py; upstream's training script is named main_mar.py):
 """
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
 
 
 UNUSED = "accepted, unused (as upstream)"
@@ -115,38 +97,38 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
     )
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="xar_large", choices=sorted(MODELS), help="model size (default: xar_large)")
-    g.add_argument("--img_size", type=_int_at_least(1), default=256, help="image size (default: 256)")
+    g.add_argument("--img_size", type=int_at_least(1), default=256, help="image size (default: 256)")
     g.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt", help="KL-16 VAE checkpoint")
-    g.add_argument("--vae_embed_dim", type=_int_at_least(1), default=16, help="VAE latent channels (default: 16)")
-    g.add_argument("--vae_stride", type=_int_at_least(1), default=16, help="VAE downsampling (default: 16)")
-    g.add_argument("--patch_size", type=_int_at_least(1), default=1, help="tokens per latent pixel side (default: 1)")
-    g.add_argument("--vae_ch", type=_int_at_least(1), default=128,
+    g.add_argument("--vae_embed_dim", type=int_at_least(1), default=16, help="VAE latent channels (default: 16)")
+    g.add_argument("--vae_stride", type=int_at_least(1), default=16, help="VAE downsampling (default: 16)")
+    g.add_argument("--patch_size", type=int_at_least(1), default=1, help="tokens per latent pixel side (default: 1)")
+    g.add_argument("--vae_ch", type=int_at_least(1), default=128,
                    help="not official: base width of the KL-16 VAE (kl16.ckpt: 128; tiny test VAEs use less)")
-    g.add_argument("--class_num", type=_int_at_least(1), default=1000, help="number of classes (default: 1000)")
+    g.add_argument("--class_num", type=int_at_least(1), default=1000, help="number of classes (default: 1000)")
     g.add_argument("--label_drop_prob", type=float, default=0.1, help="training label dropout (default: 0.1)")
     g.add_argument("--attn_dropout", type=float, default=0.1, help="training attention dropout (default: 0.1)")
     g.add_argument("--proj_dropout", type=float, default=0.1, help="training projection dropout (default: 0.1)")
-    g.add_argument("--embed_dim", type=_int_at_least(1), default=None,
+    g.add_argument("--embed_dim", type=int_at_least(1), default=None,
                    help="not official: override the width of --model (tiny test models); the released "
                         "checkpoints need the default")
-    g.add_argument("--depth", type=_int_at_least(1), default=None,
+    g.add_argument("--depth", type=int_at_least(1), default=None,
                    help="not official: override the encoder and decoder depth of --model")
-    g.add_argument("--num_heads", type=_int_at_least(1), default=None,
+    g.add_argument("--num_heads", type=int_at_least(1), default=None,
                    help="not official: override the attention heads of --model")
 
     g = parser.add_argument_group("sampling (DiSA and the original xAR)")
-    g.add_argument("--flow_upper_steps", type=_int_at_least(1), default=None,
+    g.add_argument("--flow_upper_steps", type=int_at_least(1), default=None,
                    help="DiSA: flow steps of the first cell (default: 50)")
-    g.add_argument("--flow_lower_steps", type=_int_at_least(1), default=None,
+    g.add_argument("--flow_lower_steps", type=int_at_least(1), default=None,
                    help="DiSA: flow steps of the last cell (default: 15; the official sample_tokens defaults to "
                         "10, its eval.py to 15)")
-    g.add_argument("--num_steps", "--num_step", dest="num_steps", type=_int_at_least(1), default=None,
+    g.add_argument("--num_steps", "--num_step", dest="num_steps", type=int_at_least(1), default=None,
                    help="original xAR: this many flow steps for every cell (README: 40 for xAR-B, 50 for L/H); "
                         "replaces --flow_upper_steps/--flow_lower_steps")
-    g.add_argument("--num_iter", type=_int_at_least(1), default=64,
+    g.add_argument("--num_iter", type=int_at_least(1), default=64,
                    help=f"{UNUSED}: xAR always makes 4 AR steps (cells); only named in the original sampler's "
                         "folder name (default: 64)")
-    g.add_argument("--cfg", type=_nonnegative_float, default=1.0,
+    g.add_argument("--cfg", type=finite_float(0), default=1.0,
                    help="classifier-free guidance scale at the last cell, ramped from 1 at the first "
                         "(default: 1.0 = none)")
     g.add_argument("--cfg_schedule", default="linear", help=f"{UNUSED} (default: linear)")
@@ -160,11 +142,11 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true",
                    help="generate and score (eval.py always does; names the folder ..._evaluate as upstream)"
                    if not training else "generate and score the --resume checkpoint instead of training")
-    g.add_argument("--num_images", type=_int_at_least(1), default=50000, help="images to generate (default: 50000)")
-    g.add_argument("--eval_bsz", type=_int_at_least(1), default=64, help="images per batch per GPU (default: 64)")
+    g.add_argument("--num_images", type=int_at_least(1), default=50000, help="images to generate (default: 50000)")
+    g.add_argument("--eval_bsz", type=int_at_least(1), default=64, help="images per batch per GPU (default: 64)")
     g.add_argument("--online_eval", action="store_true",
                    help="training: evaluate the EMA weights every --eval_freq epochs" if training else UNUSED)
-    g.add_argument("--eval_freq", type=_int_at_least(1), default=40,
+    g.add_argument("--eval_freq", type=int_at_least(1), default=40,
                    help="training: epochs between online evaluations (default: 40)" if training else UNUSED)
     g.add_argument("--precision", default="fp16", choices=PRECISIONS,
                    help="fp16 = the official fp16 autocast on CUDA (fp32 on the CPU); bf16 autocast on any device; "
@@ -188,8 +170,8 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
 
     unused_here = None if training else f"{UNUSED} by eval.py"
     g = parser.add_argument_group("training and optimiser", unused_here)
-    g.add_argument("--batch_size", type=_int_at_least(1), default=16, help="batch size per GPU (default: 16)")
-    g.add_argument("--epochs", type=_int_at_least(1), default=400, help="training epochs (default: 400)")
+    g.add_argument("--batch_size", type=int_at_least(1), default=16, help="batch size per GPU (default: 16)")
+    g.add_argument("--epochs", type=int_at_least(1), default=400, help="training epochs (default: 400)")
     g.add_argument("--weight_decay", type=float, default=0.02, help="AdamW weight decay (default: 0.02)")
     g.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr * batch / 256)")
     g.add_argument("--blr", type=float, default=1e-4, help="base learning rate per 256 images (default: 1e-4)")
@@ -198,9 +180,9 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
                    help="after warm-up (default: constant)")
     g.add_argument("--warmup_epochs", type=float, default=100, help="linear warm-up epochs (default: 100)")
     g.add_argument("--ema_rate", type=float, default=0.9999, help="EMA rate (default: 0.9999)")
-    g.add_argument("--save_last_freq", type=_int_at_least(1), default=5,
+    g.add_argument("--save_last_freq", type=int_at_least(1), default=5,
                    help="epochs between checkpoint-last.pth saves (default: 5)")
-    g.add_argument("--start_epoch", type=_int_at_least(0), default=0, help="first epoch (resume sets it)")
+    g.add_argument("--start_epoch", type=int_at_least(0), default=0, help="first epoch (resume sets it)")
     if training:
         g.add_argument("--grad_clip", type=float, default=1.0,
                        help="gradient-norm clip of xAR's recipe (default: 1.0; <= 0 disables)")
@@ -208,7 +190,7 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
                    help="ImageNet root with train/ (training without --use_cached)")
     g.add_argument("--use_cached", action="store_true", help="train on MAR's cached VAE latents (--cached_path)")
     g.add_argument("--cached_path", default="", help="cached latents folder (MAR's main_cache.py)")
-    g.add_argument("--num_workers", type=_int_at_least(0), default=10, help="data-loader workers (default: 10)")
+    g.add_argument("--num_workers", type=int_at_least(0), default=10, help="data-loader workers (default: 10)")
     g.add_argument("--pin_mem", action="store_true", default=True, help="pin data-loader memory on CUDA (default)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin memory")
 
@@ -223,7 +205,7 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", help=resume_help)
     g.add_argument("--device", default=None,
                    help="cuda, cuda:N, cpu, ... (default: cuda if available, else cpu; upstream: cuda)")
-    g.add_argument("--seed", type=_int_at_least(0), default=1,
+    g.add_argument("--seed", type=int_at_least(0), default=1,
                    help="base seed (default: 1); image k of an evaluation uses seed * num_images + k")
     g.add_argument("--world_size", type=int, default=1, help=f"{UNUSED}: torchrun's WORLD_SIZE is used")
     g.add_argument("--local_rank", type=int, default=-1, help=f"{UNUSED}: torchrun's LOCAL_RANK is used")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from disa.checkpoints import CheckpointError
+from disa.cli import int_at_least
 from disa.distributed import all_reduce, barrier, init_distributed, shutdown_distributed
 from disa.evaluation import image_seed, png_is_valid, shard_batches, write_png
 from disa.noise import PerImageNoise
@@ -42,7 +43,6 @@ from harmon_disa.scripts.text2image import (
     add_sampling_args,
     check_args,
     load_model,
-    positive_int,
 )
 from harmon_disa.src.models import batch_text2image_input, make_grid, to_uint8
 from mar_disa.models.mar import orders_from_seeds
@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_sampling_args(parser)
     parser.add_argument("--data", required=True, help="GenEval evaluation_metadata.jsonl or a JSON list of {prompt}")
     parser.add_argument("--output", required=True, help="output folder (GenEval layout)")
-    parser.add_argument("--batch_size", type=positive_int, default=4, help="prompts per batch (x grid_size**2 images)")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=4, help="prompts per batch (x grid_size**2 images)")
     parser.set_defaults(seed=0)  # batch generation is always seeded (per-image seeds)
     args = parser.parse_args(argv)
     check_args(parser, args)

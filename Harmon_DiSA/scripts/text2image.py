@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from disa.checkpoints import CheckpointError
+from disa.cli import finite_float, int_at_least
 from disa.evaluation import image_seed
 from disa.layers import add_compile_arguments, compile_request
 from disa.noise import PerImageNoise
@@ -49,25 +50,10 @@ from mar_disa.models.mar import orders_from_seeds
 PATCH = 16  # pixels per token: the KL-16 VAE's stride (upstream: image_size // 16)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -92,12 +78,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """The sampling flags shared by text2image.py and batch_text2image.py (upstream names and defaults)."""
     parser.add_argument("--cfg_prompt", default=DEFAULT_CFG_PROMPT, help="unconditional prompt of CFG")
-    parser.add_argument("--cfg", type=non_negative_float, default=3.0, help="guidance scale (1 = no CFG)")
-    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--cfg", type=finite_float(0), default=3.0, help="guidance scale (1 = no CFG)")
+    parser.add_argument("--temperature", type=finite_float(0, inclusive=False), default=1.0)
     parser.add_argument("--cfg_schedule", default="constant", choices=["constant", "linear"])
-    parser.add_argument("--num_iter", type=positive_int, default=64, help="AR steps")
-    parser.add_argument("--grid_size", type=positive_int, default=2, help="grid_size**2 images per prompt")
-    parser.add_argument("--image_size", type=positive_int, default=512, help="pixels, a multiple of 16")
+    parser.add_argument("--num_iter", type=int_at_least(1), default=64, help="AR steps")
+    parser.add_argument("--grid_size", type=int_at_least(1), default=2, help="grid_size**2 images per prompt")
+    parser.add_argument("--image_size", type=int_at_least(1), default=512, help="pixels, a multiple of 16")
     parser.add_argument("--seed", type=int, default=None, help="base seed (default: unseeded, as upstream)")
 
 

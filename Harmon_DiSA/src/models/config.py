@@ -31,6 +31,7 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn as nn
 
+from disa.cli import check_int_at_least
 from disa.schedules import DISA_CLIP, STRATEGIES
 from disa.vae import AutoencoderKL
 from mar_disa.models.mar import MAR, MAR_MODELS
@@ -94,9 +95,6 @@ def _from_mapping(cls: type, data: Mapping[str, Any], what: str) -> Any:
     return cls(**data)
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,7 @@ class MARConfig:
                 )
         else:
             for name in ("diff_upper_steps", "diff_lower_steps"):
-                _check_positive_int(f"mar.{name}", getattr(self, name))
+                check_int_at_least(f"mar.{name}", getattr(self, name))
             if self.diff_lower_steps > self.diff_upper_steps:
                 raise ValueError(
                     f"diff_lower_steps ({self.diff_lower_steps}) must be <= diff_upper_steps ({self.diff_upper_steps})"
@@ -192,7 +190,7 @@ class MARConfig:
                     f"allowed: {', '.join(STRATEGIES)}"
                 )
         if self.disa_clip is not None:
-            _check_positive_int("mar.disa_clip (a timestep, or None for no clamp)", self.disa_clip)
+            check_int_at_least("mar.disa_clip (a timestep, or None for no clamp)", self.disa_clip)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MARConfig":
@@ -254,7 +252,7 @@ class VAEConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         for name in ("embed_dim", "ch", "num_res_blocks"):
-            _check_positive_int(f"vae.{name}", getattr(self, name))
+            check_int_at_least(f"vae.{name}", getattr(self, name))
         if not self.ch_mult or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.ch_mult):
             raise ValueError(f"vae.ch_mult must be a non-empty tuple of ints >= 1, got {self.ch_mult!r}")
 
