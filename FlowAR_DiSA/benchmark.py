@@ -144,16 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_scales", type=int, default=5, choices=range(1, 6), metavar="{1..5}",
                    help="scales to generate (5 = the real 256 px model; fewer for slow machines)")
     add_arguments(p, KNOBS, batch_size=EVAL_BSZ, batch_note=f"{EVAL_BSZ}, the DiSA README's --eval_bsz")
-    # Older spelling kept for the commands in FlowAR_DiSA/README.md: a round is now one interleaved repeat.
-    p.add_argument("--rounds", dest="repeats", type=int, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--rounds must be >= 1, got {args.repeats}")
     base = KNOBS.defaults()
     device = resolve_device(args.device)
     # Validate overrides once, before building anything large.

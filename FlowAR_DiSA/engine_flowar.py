@@ -30,18 +30,23 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from disa.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
-from disa.cli import check_int_at_least
-from disa.distributed import run_on_main
-from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError, GeneratedBatch, run_evaluation
+from disa.cli import UsageError, check_int_at_least
+from disa.distributed import configure_cuda_backends as configure_backends
+from disa.evaluation import (
+    ClassBalancedLabels,
+    EvalConfig,
+    GeneratedBatch,
+    metrics_hook,
+    run_evaluation,
+)
 from disa.noise import PerImageNoise
-from disa.vae import AutoencoderKL, load_vae, to_uint8, tokens_to_latent
+from disa.vae import AutoencoderKL, to_uint8, tokens_to_latent
 from flowar_disa.models import FlowAR, flowar_huge, flowar_large, flowar_small
 from mar_disa.engine_mar import PRECISIONS, autocast
 
 __all__ = [
     "MODELS",
     "PRECISIONS",
-    "OFFICIAL_VAE_CH_MULT",
     "UsageError",
     "scales_for",
     "ModelConfig",
@@ -49,9 +54,7 @@ __all__ = [
     "FlowARGenerator",
     "describe_checkpoint",
     "load_flowar_weights",
-    "build_vae",
     "configure_backends",
-    "check_metrics",
     "evaluate",
     "train_transform",
     "build_train_dataset",
@@ -62,16 +65,8 @@ MODELS: dict[str, Callable[..., FlowAR]] = {
     "flowar_large": flowar_large,
     "flowar_huge": flowar_huge,
 }
-# The KL-16 VAE's level widths (multiples of its base width ``ch``, 128 in kl16.ckpt); hard-coded upstream.
-OFFICIAL_VAE_CH_MULT = (1, 1, 2, 2, 4)
 # The official flow-head sizes per model, for error hints (the factories default to them; the CLI does not).
 _OFFICIAL_HEADS = {"flowar_small": (2, 1024), "flowar_large": (12, 1024), "flowar_huge": (12, 1536)}
-
-
-class UsageError(RuntimeError):
-    """Bad input found at run time (missing data folder, missing checkpoint to resume): a one-line CLI error."""
-
-
 
 
 def scales_for(img_size: int, vae_stride: int) -> tuple[int, ...]:
@@ -323,39 +318,7 @@ def load_flowar_weights(model: FlowAR, path: str | os.PathLike[str], model_confi
     return file
 
 
-def build_vae(path: str | os.PathLike[str], *, embed_dim: int = 16, ch: int = 128,
-              decoder_only: bool = True) -> AutoencoderKL:
-    """The KL-16 VAE from ``path`` (``{"model": state_dict}`` as kl16.ckpt, or a bare state dict), strictly loaded,
-    in eval mode on the CPU. ``decoder_only`` skips the encoder (generation needs the decoder only)."""
-    try:
-        return load_vae(path, decoder_only=decoder_only, embed_dim=embed_dim, ch=ch, ch_mult=OFFICIAL_VAE_CH_MULT)
-    except (FileNotFoundError, RuntimeError) as err:  # load_vae: missing file / unreadable file
-        raise CheckpointError(f"{err} (--vae_path; fetch kl16.ckpt with `python util/download.py kl16`)") from None
-
-
-def configure_backends(device: torch.device) -> None:
-    """The official CUDA settings: TF32 matmuls and convolutions, cuDNN autotuning (no effect elsewhere)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
-
-
-def check_metrics(metrics: Any) -> None:
-    """Rank 0 checks that the metrics can run (statistics file, reference images, extractor weights) and every rank
-    raises :class:`EvaluationError` naming the problem if not."""
-    from disa.metrics import check_metrics_inputs
-
-    def check() -> None:
-        try:
-            check_metrics_inputs(metrics)
-        except (ValueError, FileNotFoundError, ImportError) as err:
-            raise EvaluationError(f"metrics cannot run: {err}") from None
-
-    run_on_main(check)
 
 
 def evaluate(
@@ -373,16 +336,7 @@ def evaluate(
     statistics file fails in seconds, not after the run), or ``None`` for no metrics. ``model_config``: everything
     the images depend on (a resume with other values is refused). Raises :class:`EvaluationError` for bad input.
     """
-    metrics_fn: Callable[[Path], Mapping[str, Any]] | None = None
-    if metrics is not None:
-        from disa.metrics import compute_metrics  # torch-fidelity: imported only when needed
-
-        check_metrics(metrics)
-
-        def run_metrics(folder: Path) -> dict[str, float]:  # runs on every rank: they share the feature extraction
-            return compute_metrics(folder, metrics)
-
-        metrics_fn = run_metrics
+    metrics_fn = metrics_hook(metrics)
     generator.model.eval()
     return run_evaluation(generator, config, conditions=labels, model_config=model_config, metrics_fn=metrics_fn,
                           device=generator.device)

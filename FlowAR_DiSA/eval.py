@@ -37,6 +37,7 @@ from disa.cli import finite_float
 from disa.distributed import RankFailedError, init_distributed, shutdown_distributed
 from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError
 from disa.layers import add_compile_arguments, compile_request
+from disa.vae import load_vae_checkpoint
 from flowar_disa.engine_flowar import (
     MODELS,
     PRECISIONS,
@@ -44,7 +45,6 @@ from flowar_disa.engine_flowar import (
     ModelConfig,
     SamplerConfig,
     UsageError,
-    build_vae,
     configure_backends,
     evaluate,
     load_flowar_weights,
@@ -60,8 +60,6 @@ logger = logging.getLogger("flowar_disa.eval")
 UNUSED = "accepted, unused (as upstream)"
 # What every CLI error that is the user's to fix turns into: "<prog>: error: <message>", exit status 1.
 CLI_ERRORS = (CheckpointError, EvaluationError, RankFailedError, UsageError)
-
-
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -400,7 +398,7 @@ def evaluate_checkpoint(run: EvalRun) -> dict[str, Any]:
     path = load_flowar_weights(model, run.checkpoint, run.model)
     logger.info("loaded %s (%s, %.1fM parameters)", path, run.model.model,
                 sum(p.numel() for p in model.parameters()) / 1e6)
-    vae = build_vae(run.vae_path, embed_dim=run.model.vae_embed_dim, ch=run.vae_ch)
+    vae = load_vae_checkpoint(run.vae_path, embed_dim=run.model.vae_embed_dim, ch=run.vae_ch)
     model.to(ctx.device).eval()
     if run.compile_head:
         compile_head(model, cuda_graphs=run.cuda_graphs)

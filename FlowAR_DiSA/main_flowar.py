@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from disa.checkpoints import exit_on_error, resolve_checkpoint_path
 from disa.distributed import DistributedContext, init_distributed, is_distributed, shutdown_distributed
-from disa.evaluation import ClassBalancedLabels, EvalConfig
+from disa.evaluation import ClassBalancedLabels, EvalConfig, metrics_hook
+from disa.vae import load_vae_checkpoint
 from flowar_disa import eval as flowar_eval
 from flowar_disa.engine_flowar import (
     FlowARGenerator,
@@ -48,8 +49,6 @@ from flowar_disa.engine_flowar import (
     SamplerConfig,
     UsageError,
     build_train_dataset,
-    build_vae,
-    check_metrics,
     configure_backends,
     evaluate,
 )
@@ -170,7 +169,7 @@ def train(args: argparse.Namespace, run: TrainRun, ctx: DistributedContext) -> P
         raise UsageError(f"{len(dataset)} training images over {ctx.world_size} process(es) make no full batch of "
                          f"--batch_size {args.batch_size}")
 
-    vae = build_vae(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch, decoder_only=False).to(device)
+    vae = load_vae_checkpoint(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch, decoder_only=False).to(device)
     vae.requires_grad_(False)
     model_without_ddp = run.model.build().to(device)
     logger.info("%s: %.2fM trainable parameters", run.model.model,
@@ -197,7 +196,7 @@ def train(args: argparse.Namespace, run: TrainRun, ctx: DistributedContext) -> P
     if ema_params is None:
         ema_params = ema_copy(model_without_ddp)
     if run.metrics is not None:
-        check_metrics(run.metrics)  # fail before training, not at the first online evaluation
+        metrics_hook(run.metrics)  # fail before training, not at the first online evaluation
 
     last = output_dir / "checkpoint-last.pth"
     start = time.perf_counter()

@@ -46,22 +46,22 @@ from disa.distributed import (
     DistributedContext,
     RankFailedError,
     init_distributed,
-    run_on_main,
     shutdown_distributed,
 )
 from disa.evaluation import (
     ClassBalancedLabels,
     EvalConfig,
     EvaluationError,
+    metrics_hook,
     run_evaluation,
 )
 from disa.fashion_mnist import FashionMNIST
 from disa.features import EFFNET_LITE0, INCEPTION
 from disa.guidance import CFG_SCHEDULES
 from disa.layers import add_compile_arguments, compile_request
-from disa.metrics import MetricsConfig, check_metrics_inputs, compute_metrics
+from disa.metrics import MetricsConfig
 from disa.schedules import DDIM_CLIP, DISA_CLIP, STRATEGIES
-from disa.vae import AutoencoderKL, PixelTokenizer, load_vae
+from disa.vae import AutoencoderKL, PixelTokenizer, load_vae_checkpoint
 from mar_disa.engine_mar import (
     LR_SCHEDULES,
     PRECISIONS,
@@ -277,8 +277,6 @@ def train_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
 
 
 # ---- command line --------------------------------------------------------------------------------------------
-
-
 
 
 def _clip(text: str) -> int | None:
@@ -549,37 +547,10 @@ def load_tokenizer(
 def load_vae_from_args(args: argparse.Namespace, device: torch.device, *, decoder_only: bool = True) -> AutoencoderKL:
     """The KL-16 VAE of ``--vae_path`` (``--vae_embed_dim`` channels, base width ``--vae_ch``), frozen, in eval
     mode on ``device``; any problem with the file is a :class:`CheckpointError` naming it."""
-    try:
-        vae = load_vae(args.vae_path, decoder_only=decoder_only, embed_dim=args.vae_embed_dim, ch=args.vae_ch)
-    except CheckpointError:
-        raise
-    except (OSError, RuntimeError, ValueError) as err:  # missing file, unreadable file, not a VAE layout
-        raise CheckpointError(
-            f"--vae_path: {err} (fetch kl16.ckpt with `python util/download.py kl16`)"
-        ) from err
+    vae = load_vae_checkpoint(args.vae_path, decoder_only=decoder_only, embed_dim=args.vae_embed_dim, ch=args.vae_ch)
     for p in vae.parameters():
         p.requires_grad_(False)
     return vae.to(device).eval()
-
-
-def _metrics_fn(evaluation: EvaluationConfig) -> Callable[[Path], Mapping[str, Any]] | None:
-    """The scoring hook of the evaluation loop (every rank takes part), after checking its inputs up front so that
-    a missing statistics file or extractor fails before any image is generated."""
-    config = evaluation.metrics
-    if config is None:
-        return None
-
-    def check() -> None:
-        try:
-            check_metrics_inputs(config)
-        except (OSError, ValueError, ImportError) as err:
-            raise EvaluationError(
-                f"cannot compute the metrics: {err}\nFetch the statistics with `python util/download.py fid-stats`, "
-                "point --fid_stats / --metrics_weights at your files, or pass --no_metrics to only generate."
-            ) from err
-
-    run_on_main(check)
-    return lambda folder: compute_metrics(folder, config)
 
 
 def _generate(
@@ -672,7 +643,7 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: DistributedContext) -> di
     if compile_now:
         compile_head(model, cuda_graphs=cuda_graphs)
     vae = load_tokenizer(args, ctx.device)
-    metrics_fn = _metrics_fn(evaluation_config(args))
+    metrics_fn = metrics_hook(evaluation_config(args).metrics)
     tokenizer = "pixels" if args.tokenizer == "pixels" else str(Path(args.vae_path).resolve())
     fingerprint = {"checkpoint": str(checkpoint.resolve()), "weights": "model_ema", "vae_path": tokenizer,
                    "architecture": model_config(args).architecture()}
@@ -712,7 +683,7 @@ def _online_evaluation(
 ) -> None:  # fmt: skip
     """Upstream's online evaluation with the EMA weights: cfg 1.0 with ``eval_bsz``, then ``--cfg`` with half the
     batch. Deviation: each evaluation gets its own ``_epoch{N}`` folder (upstream reused one and deleted it)."""
-    metrics_fn = _metrics_fn(evaluation_config(args))
+    metrics_fn = metrics_hook(evaluation_config(args).metrics)
     runs = [(1.0, args.eval_bsz)]
     if args.cfg not in (1.0, 0.0):
         runs.append((args.cfg, max(1, args.eval_bsz // 2)))

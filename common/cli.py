@@ -2,7 +2,9 @@
 
 * :func:`int_at_least`, :func:`finite_float` — argparse ``type=`` callables: a bad value ends the program at parse
   time with ``<prog>: error: argument --x: expected ...`` and exit status 2, before anything is loaded or written;
-* :func:`check_int_at_least` — the same rule for a config field set from Python (``ValueError`` naming the field).
+* :func:`check_int_at_least` — the same rule for a config field set from Python (``ValueError`` naming the field);
+* :class:`UsageError` — bad input found at run time (a missing data folder, a missing checkpoint to resume), which
+  the command lines print as one line and exit with status 1.
 """
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import argparse
 import math
 from typing import Any, Callable
 
-__all__ = ["int_at_least", "finite_float", "check_int_at_least"]
+__all__ = ["int_at_least", "finite_float", "check_int_at_least", "UsageError"]
+
+
+class UsageError(RuntimeError):
+    """Bad input found at run time (missing data folder, missing checkpoint to resume): a one-line CLI error."""
 
 
 def int_at_least(low: int) -> Callable[[str], int]:

@@ -41,6 +41,7 @@ __all__ = [
     "broadcast_object",
     "run_on_main",
     "synchronize",
+    "configure_cuda_backends",
     "RankFailedError",
 ]
 
@@ -282,3 +283,12 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
     elif hasattr(torch, "accelerator"):  # other accelerators (XPU, ...) on torch >= 2.6
         torch.accelerator.synchronize(device)
+
+
+def configure_cuda_backends(device: torch.device) -> None:
+    """FlowAR's and xAR's official CUDA settings: TF32 matmuls and convolutions, cuDNN autotuning (no effect on
+    other devices; MAR and Harmon keep torch's defaults, as upstream)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True

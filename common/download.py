@@ -740,10 +740,6 @@ def _listing(family: Family | None) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [header, *rows])
 
 
-
-
-
-
 def _parser(family: Family | None) -> argparse.ArgumentParser:
     if family is None:
         prog, what = "python -m disa.download", "the official DiSA files"

@@ -42,7 +42,8 @@ What it guarantees, and how it relates to the official ``engine*.evaluate``:
 
 The metrics hook ``metrics_fn(sample_dir) -> dict`` runs on **every** rank after all images are on disk, so a
 metric can shard the feature extraction and reduce across ranks (``disa.distributed.all_reduce``); rank 0's return
-value is recorded. A single-process metric should compute on rank 0 and return ``{}`` elsewhere.
+value is recorded. A single-process metric should compute on rank 0 and return ``{}`` elsewhere. For FID/IS/KID/PRC
+with a :class:`disa.metrics.MetricsConfig`, :func:`metrics_hook` builds that hook and checks its inputs up front.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ __all__ = [
     "write_png",
     "png_is_valid",
     "run_evaluation",
+    "metrics_hook",
     "MANIFEST_NAME",
     "RESULTS_NAME",
 ]
@@ -652,6 +654,28 @@ def run_evaluation(
         _write_results(results_path, results)
         logger.info("results written to %s", results_path)
     return results
+
+
+def metrics_hook(config: Any | None) -> Callable[[Path], Mapping[str, Any]] | None:
+    """The ``metrics_fn`` of :func:`run_evaluation` for a :class:`disa.metrics.MetricsConfig` (``None``: no
+    metrics). Rank 0 first checks that the metrics can run (statistics file, reference images, extractor weights)
+    and every rank raises :class:`EvaluationError` naming the problem if not, so that a missing file fails before
+    any image is generated. The hook runs on every rank (they share the feature extraction)."""
+    if config is None:
+        return None
+    from .metrics import check_metrics_inputs, compute_metrics  # torch-fidelity: imported only when metrics run
+
+    def check() -> None:
+        try:
+            check_metrics_inputs(config)
+        except (OSError, ValueError, ImportError) as err:
+            raise EvaluationError(
+                f"metrics cannot run: {err}\nFetch the statistics with `python util/download.py fid-stats`, point "
+                "--fid_stats / --metrics_weights at your files, or pass --no_metrics to only generate."
+            ) from None
+
+    dist_utils.run_on_main(check)
+    return lambda folder: compute_metrics(folder, config)
 
 
 def _write_results(path: Path, results: Mapping[str, Any]) -> None:

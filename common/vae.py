@@ -46,6 +46,7 @@ __all__ = [
     "Upsample",
     "latent_to_tokens",
     "load_vae",
+    "load_vae_checkpoint",
     "to_uint8",
     "tokens_to_latent",
 ]
@@ -414,6 +415,21 @@ def load_vae(
         )
     vae.load_state_dict({k: state[k] for k in vae.state_dict()}, strict=True)
     return vae.eval()
+
+
+def load_vae_checkpoint(
+    path: str | os.PathLike[str], *, embed_dim: int = 16, ch: int = 128, decoder_only: bool = True
+) -> AutoencoderKL:
+    """:func:`load_vae` of a KL-16 file named by a command line's ``--vae_path`` (``embed_dim`` latent channels,
+    base width ``ch``), in eval mode on the CPU; every failure is a :class:`~disa.checkpoints.CheckpointError` that
+    names the flag and how to fetch ``kl16.ckpt``. ``decoder_only`` skips the encoder (generation needs only the
+    decoder)."""
+    try:
+        return load_vae(path, decoder_only=decoder_only, embed_dim=embed_dim, ch=ch)
+    except CheckpointError:  # the mismatch report already says what is wrong with the file
+        raise
+    except (OSError, RuntimeError, ValueError) as err:  # missing file, unreadable file, not a VAE layout
+        raise CheckpointError(f"--vae_path: {err} (fetch kl16.ckpt with `python util/download.py kl16`)") from err
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -132,6 +132,25 @@ def test_settings_run_interleaved_and_warm_up_untimed() -> None:
         B.time_interleaved(settings, torch.device("cpu"), repeats=0)
 
 
+def test_memory_probe_starts_after_one_priming_call() -> None:
+    """With a probe, the first setting runs once unprobed first, so that one-time process costs are nobody's peak."""
+    events: list[str] = []
+
+    class Probe:
+        def start(self) -> None:
+            events.append("start")
+
+        def stop(self) -> int:
+            events.append("stop")
+            return 1
+
+    settings = [B.Setting(n, lambda n=n: events.append(n) or 1.0, batch_size=1) for n in "AB"]
+    timings = B.time_interleaved(settings, torch.device("cpu"), warmup=1, repeats=1, memory=Probe(),  # type: ignore[arg-type]
+                                 clock=FakeClock())  # fmt: skip
+    assert events == ["A", "start", "A", "stop", "start", "B", "stop", "A", "B"]
+    assert [t.peak_memory for t in timings] == [1, 1]
+
+
 def test_speedups_are_per_image_when_batch_sizes_differ() -> None:
     one = B.Timing("batch 1", 1, (1.0, 2.0), 5)
     eight = B.Timing("batch 8", 8, (2.0, 2.0), 5)

@@ -179,16 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no_vae", action="store_true", help="time sampling only (no KL-16 decode)")
     p.add_argument("--seed", type=int, default=0, help="weights and noise seed (default: 0)")
     add_arguments(p, KNOBS, batch_size=EVAL_BSZ, batch_note=f"{EVAL_BSZ}, the DiSA README's --eval_bsz")
-    # Older spelling kept for the command in xAR_DiSA/README.md: a round is now one interleaved repeat.
-    p.add_argument("--rounds", dest="repeats", type=int, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--rounds must be >= 1, got {args.repeats}")
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

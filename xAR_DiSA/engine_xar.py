@@ -32,12 +32,18 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from disa.checkpoints import CheckpointError, load_checkpoint, load_state_dict_strict
-from disa.cli import check_int_at_least
-from disa.distributed import run_on_main
-from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError, GeneratedBatch, run_evaluation
+from disa.cli import UsageError, check_int_at_least
+from disa.distributed import configure_cuda_backends as configure_backends
+from disa.evaluation import (
+    ClassBalancedLabels,
+    EvalConfig,
+    GeneratedBatch,
+    metrics_hook,
+    run_evaluation,
+)
 from disa.guidance import check_cfg
 from disa.noise import PerImageNoise
-from disa.vae import AutoencoderKL, load_vae, to_uint8, tokens_to_latent
+from disa.vae import AutoencoderKL, to_uint8, tokens_to_latent
 from mar_disa.engine_mar import PRECISIONS, CachedFolder, autocast, image_transform, param_groups
 from xar_disa.models.xar import CellPlan, xAR, xar_base, xar_huge, xar_large
 
@@ -53,7 +59,6 @@ __all__ = [
     "describe_checkpoint",
     "read_xar_weights",
     "load_xar_weights",
-    "build_vae",
     "configure_backends",
     "evaluate",
     "build_optimizer",
@@ -63,12 +68,6 @@ __all__ = [
 MODELS: dict[str, Callable[..., xAR]] = {"xar_base": xar_base, "xar_large": xar_large, "xar_huge": xar_huge}
 # xAR's training recipe (spec §10); MAR uses (0.9, 0.95).
 ADAMW_BETAS = (0.9, 0.96)
-
-
-class UsageError(RuntimeError):
-    """Bad input found at run time (missing data folder, nothing to evaluate): a one-line CLI error."""
-
-
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -336,26 +335,6 @@ def load_xar_weights(
     return Path(path)
 
 
-def build_vae(
-    path: str | os.PathLike[str], *, embed_dim: int = 16, ch: int = 128, decoder_only: bool = True
-) -> AutoencoderKL:
-    """The KL-16 VAE from ``path`` (``{"model": state_dict}`` as kl16.ckpt, or a bare state dict), strictly loaded,
-    in eval mode on the CPU. ``ch`` is the base width (kl16.ckpt: 128; the level multipliers stay KL-16's).
-    ``decoder_only`` skips the encoder (generation needs the decoder only)."""
-    try:
-        return load_vae(path, decoder_only=decoder_only, embed_dim=embed_dim, ch=ch)
-    except (FileNotFoundError, RuntimeError) as err:  # load_vae: missing file / unreadable file
-        raise CheckpointError(f"{err} (--vae_path; fetch kl16.ckpt with `python util/download.py kl16`)") from None
-
-
-def configure_backends(device: torch.device) -> None:
-    """The official CUDA settings: TF32 matmuls and convolutions, cuDNN autotuning (no effect elsewhere)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -374,22 +353,7 @@ def evaluate(
     statistics file fails in seconds, not after the run), or ``None`` for no metrics. ``model_config``: everything
     the images depend on (a resume with other values is refused). Raises :class:`EvaluationError` for bad input.
     """
-    metrics_fn: Callable[[Path], Mapping[str, Any]] | None = None
-    if metrics is not None:
-        from disa.metrics import check_metrics_inputs, compute_metrics  # torch-fidelity: imported only when needed
-
-        def check() -> None:
-            try:
-                check_metrics_inputs(metrics)
-            except (ValueError, FileNotFoundError, ImportError) as err:
-                raise EvaluationError(f"metrics cannot run: {err} (or pass --no_metrics to only generate)") from None
-
-        run_on_main(check)
-
-        def run_metrics(folder: Path) -> dict[str, float]:  # every rank: they share the feature extraction
-            return compute_metrics(folder, metrics)
-
-        metrics_fn = run_metrics
+    metrics_fn = metrics_hook(metrics)
     generator.model.eval()
     return run_evaluation(generator, config, conditions=conditions, model_config=model_config,
                           metrics_fn=metrics_fn, device=generator.device)

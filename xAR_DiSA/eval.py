@@ -30,6 +30,7 @@ from disa.checkpoints import CheckpointError, exit_on_error
 from disa.cli import finite_float, int_at_least
 from disa.distributed import RankFailedError, init_distributed, shutdown_distributed
 from disa.evaluation import ClassBalancedLabels, EvalConfig, EvaluationError
+from disa.vae import load_vae_checkpoint
 from xar_disa.engine_xar import (
     MODELS,
     PRECISIONS,
@@ -38,7 +39,6 @@ from xar_disa.engine_xar import (
     SamplerConfig,
     UsageError,
     XARGenerator,
-    build_vae,
     configure_backends,
     evaluate,
     load_xar_weights,
@@ -73,10 +73,6 @@ training (main_xar.py; upstream's training script is named main_mar.py):
   * --grad_clip exposes the recipe's clipping at 1.0; --precision fp32 trains without mixed precision (the xAR
     README's advice against NaNs).
 """
-
-
-
-
 
 
 UNUSED = "accepted, unused (as upstream)"
@@ -312,7 +308,7 @@ def run_evaluation_cli(args: argparse.Namespace, device: torch.device) -> dict[s
                         batch_size=args.eval_bsz, seed=args.seed, save_npz=args.save_npz)
     # Files first: a wrong path fails in a second, not after building a billion-parameter model.
     state = read_xar_weights(args.resume)
-    vae = build_vae(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch)
+    vae = load_vae_checkpoint(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch)
     model = model_cfg.build()
     checkpoint = load_xar_weights(model, args.resume, model_cfg, state=state)
     del state

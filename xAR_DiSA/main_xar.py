@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from disa.checkpoints import exit_on_error
 from disa.distributed import DistributedContext, init_distributed, shutdown_distributed
 from disa.evaluation import ClassBalancedLabels, EvalConfig
+from disa.vae import load_vae_checkpoint
 from mar_disa.engine_mar import (
     LossScaler,
     TrainConfig,
@@ -52,7 +53,6 @@ from xar_disa.engine_xar import (
     XARGenerator,
     build_optimizer,
     build_train_dataset,
-    build_vae,
     configure_backends,
     evaluate,
 )
@@ -129,7 +129,7 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     # The encoder only for images (cached latents are already encoded), the decoder only for online evaluation.
     vae = None
     if not args.use_cached or args.online_eval:
-        vae = build_vae(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch, decoder_only=args.use_cached)
+        vae = load_vae_checkpoint(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch, decoder_only=args.use_cached)
         vae = vae.to(device).eval()
         vae.requires_grad_(False)
 

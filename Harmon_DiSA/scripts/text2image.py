@@ -50,12 +50,6 @@ from mar_disa.models.mar import orders_from_seeds
 PATCH = 16  # pixels per token: the KL-16 VAE's stride (upstream: image_size // 16)
 
 
-
-
-
-
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model-loading flags shared by the Harmon scripts."""
     parser.add_argument("config", help="model config, e.g. configs/models/qwen2_5_1_5b_kl16_mar_h_disa_50_5.py")

@@ -95,8 +95,6 @@ def _from_mapping(cls: type, data: Mapping[str, Any], what: str) -> Any:
     return cls(**data)
 
 
-
-
 @dataclass(frozen=True)
 class LLMConfig:
     """The Qwen2.5 LLM: where its config/weights live, its dtype and attention backend.
