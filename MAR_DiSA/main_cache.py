@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from disa.checkpoints import CheckpointError, exit_on_error
+from disa.cli import int_at_least
 from disa.distributed import (
     DistributedContext,
     RankFailedError,
@@ -42,7 +43,6 @@ from mar_disa.main_mar import (
     KL16_STRIDE,
     add_distributed_arguments,
     check_distributed_arguments,
-    int_at_least,
     load_vae_from_args,
     resolve_device,
 )
