@@ -122,7 +122,8 @@ def get_args_parser(*, training: bool = False) -> argparse.ArgumentParser:
                         "/--flow_lower_steps"
                         + (" (default 25 when no --flow_* flag is given, as upstream)" if training
                            else " (not a flag of the DiSA eval.py; the original FlowAR eval.py had it)"))
-    g.add_argument("--guidance", default=0.9, type=finite_float(), help="classifier-free guidance applies only for t <= this")
+    g.add_argument("--guidance", default=0.9, type=finite_float(),
+                   help="classifier-free guidance applies only for t <= this")
     g.add_argument("--num_images", default=50000, type=int, help="number of images to generate")
     g.add_argument("--cfg", default=1.0, type=finite_float(), help="classifier-free guidance scale at the last scale "
                    "(ramped linearly from 1 at the first)")

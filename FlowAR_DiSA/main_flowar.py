@@ -169,7 +169,8 @@ def train(args: argparse.Namespace, run: TrainRun, ctx: DistributedContext) -> P
         raise UsageError(f"{len(dataset)} training images over {ctx.world_size} process(es) make no full batch of "
                          f"--batch_size {args.batch_size}")
 
-    vae = load_vae_checkpoint(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch, decoder_only=False).to(device)
+    vae = load_vae_checkpoint(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch, decoder_only=False)
+    vae = vae.to(device)
     vae.requires_grad_(False)
     model_without_ddp = run.model.build().to(device)
     logger.info("%s: %.2fM trainable parameters", run.model.model,

@@ -762,8 +762,8 @@ def _parser(family: Family | None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if the file is there (replaced only "
                    "once the new copy is verified)")
     p.add_argument("--retries", type=int_at_least(0), default=3, help="resumes after an interruption (default 3)")
-    p.add_argument("--timeout", type=finite_float(0, inclusive=False), default=60.0, help="seconds without data before giving up "
-                   "on a connection (default 60)")
+    p.add_argument("--timeout", type=finite_float(0, inclusive=False), default=60.0,
+                   help="seconds without data before giving up on a connection (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -129,7 +129,8 @@ def train(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, Any]:
     # The encoder only for images (cached latents are already encoded), the decoder only for online evaluation.
     vae = None
     if not args.use_cached or args.online_eval:
-        vae = load_vae_checkpoint(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch, decoder_only=args.use_cached)
+        vae = load_vae_checkpoint(args.vae_path, embed_dim=args.vae_embed_dim, ch=args.vae_ch,
+                                  decoder_only=args.use_cached)
         vae = vae.to(device).eval()
         vae.requires_grad_(False)
 

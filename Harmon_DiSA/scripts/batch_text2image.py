@@ -102,7 +102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_sampling_args(parser)
     parser.add_argument("--data", required=True, help="GenEval evaluation_metadata.jsonl or a JSON list of {prompt}")
     parser.add_argument("--output", required=True, help="output folder (GenEval layout)")
-    parser.add_argument("--batch_size", type=int_at_least(1), default=4, help="prompts per batch (x grid_size**2 images)")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=4,
+                        help="prompts per batch (x grid_size**2 images)")
     parser.set_defaults(seed=0)  # batch generation is always seeded (per-image seeds)
     args = parser.parse_args(argv)
     check_args(parser, args)
