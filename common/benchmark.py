@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cli import int_at_least
 from .distributed import synchronize
+from .layers import uncompile_forward
 
 __all__ = [
     "Knob",
@@ -199,14 +200,15 @@ class CompiledHead:
         """Run the block with the forward of ``value`` (``off``, ``on``, ``graphs``)."""
         if value not in self._forwards:
             self._compile(value == "graphs")
-            self._forwards[value] = self.module.__dict__.pop("forward")
+            self._forwards[value] = self.module.forward
+            uncompile_forward(self.module)
         forward = self._forwards[value]
         if forward is not None:
             self.module.forward = forward  # type: ignore[method-assign]
         try:
             yield
         finally:
-            self.module.__dict__.pop("forward", None)
+            uncompile_forward(self.module)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -92,13 +92,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.seed is not None and args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
-        compile_request(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        compile_request(args, requested_device(args))
     except (RuntimeError, ValueError) as err:  # RuntimeError: torch.device() refuses the string
         parser.error(str(err))
 
 
+def requested_device(args: argparse.Namespace) -> torch.device:
+    """``--device``, or CUDA when available and the CPU otherwise."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def resolve_device_dtype(args: argparse.Namespace, config_dtype: str) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = requested_device(args)
     if args.dtype != "auto":
         return device, resolve_dtype(args.dtype)
     return device, (resolve_dtype(config_dtype) if device.type == "cuda" else torch.float32)
